@@ -1,0 +1,1 @@
+"""Composition and training: hybrid models built from `layers`, configs, data, sharded training."""
