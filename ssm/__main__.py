@@ -1,0 +1,100 @@
+"""Command line: `python -m ssm train|eval|bench ...`.
+
+  python -m ssm train --config experiments/lra/listops.py[:preset] [--workdir DIR] [--config.a.b=value ...]
+  python -m ssm eval  --config ... --workdir DIR [--split test]     (evaluates the newest checkpoint)
+  python -m ssm bench [--ops scan] [--lengths ...]                   (see `python -m ssm bench --help`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def _parse_run_args(command: str, argv: list[str]):
+  parser = argparse.ArgumentParser(prog=f"python -m ssm {command}")
+  parser.add_argument("--config", required=True, help="experiment file, optionally with :preset")
+  parser.add_argument("--workdir", help="where checkpoints, metrics and plots go (default runs/<name>[_<preset>])")
+  parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
+  if command == "eval":
+    parser.add_argument("--split", default="test")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.model.d_model=256)")
+    overrides.append(item[len("--config."):])
+  return args, overrides
+
+
+def _setup(args, overrides):
+  import jax
+
+  from ssm import config as config_lib
+  from ssm.data import tasks
+  if args.multihost:
+    jax.distributed.initialize()
+  config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+  config_lib.validate(config, num_devices=jax.device_count())
+  preset = args.config.partition(":")[2]
+  workdir = pathlib.Path(args.workdir or f"runs/{config.name}{'_' + preset if preset else ''}")
+  task = tasks.load_task(config.data, seed=config.seed)
+  return config, task, workdir
+
+
+def train(argv: list[str]) -> int:
+  args, overrides = _parse_run_args("train", argv)
+  config, task, workdir = _setup(args, overrides)
+  from ssm import metrics, train as train_lib
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  print(f"config {args.config} -> {workdir}")
+  result = train_lib.Trainer(config, task).run(workdir)
+  if "test" in result:
+    acc, majority = result["test"]["accuracy"], result.get("majority_rate")
+    line = f"test accuracy {acc:.4f}"
+    if majority is not None:
+      line += f" (majority-class rate {majority:.4f})"
+    print(line)
+    summary = {"step": result["step"], "validation": result["validation"], "test": result["test"],
+               "majority_rate": majority}
+    (workdir / "result.json").write_text(json.dumps(summary, indent=2))
+    print(f"curves: {metrics.plot_curves(workdir, majority_rate=majority)}")
+  return 0
+
+
+def evaluate(argv: list[str]) -> int:
+  args, overrides = _parse_run_args("eval", argv)
+  config, task, workdir = _setup(args, overrides)
+  from ssm import checkpoint, train as train_lib
+  trainer = train_lib.Trainer(config, task)
+  state = trainer.init_state(next(iter(task.eval_batches("validation"))))
+  restored = checkpoint.Checkpointer(workdir / "checkpoints", every=0).restore(state)
+  if restored is None:
+    print(f"no checkpoint in {workdir / 'checkpoints'}", file=sys.stderr)
+    return 1
+  state, _, step = restored
+  print(json.dumps({"step": step, "split": args.split, **trainer.evaluate(state.params, args.split)}))
+  return 0
+
+
+def bench(argv: list[str]) -> int:
+  from ssm import bench as bench_lib
+  return bench_lib.main(argv)
+
+
+COMMANDS = {"train": train, "eval": evaluate, "bench": bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] not in COMMANDS:
+    print(__doc__, file=sys.stderr)
+    return 2
+  return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,241 @@
+"""The config schema: defaults, loading `experiments/*.py` files, and validation with clear errors.
+
+A config is an `ml_collections.ConfigDict` with four sections, each filled from `default_config()` and
+then overridden by an experiment file's `get_config(arg)`:
+
+  model   the network: a pattern of mixer names repeated to `n_layers`, sizes, norms, head
+  data    the task and its pipeline (`ssm.data.tasks.load_task` reads it)
+  optim   AdamW with an SSM parameter group, warmup + cosine, clipping
+  train   steps, evaluation, logging and checkpoint cadence
+
+`validate(config, num_devices)` runs before anything is compiled; every error names the field.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from layers import blocks
+
+TASKS = ("classify", "lm")
+INPUTS = ("tokens", "continuous")
+POOLS = ("mean", "last")
+NORMS = ("layer", "rms")
+MLP_ACTIVATIONS = ("swiglu", "geglu")
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message starts with the field's dotted name."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"config field '{field}': {message}")
+    self.field = field
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with the defaults an experiment file overrides."""
+  c = ml_collections.ConfigDict()
+  c.name = "unnamed"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.task = "classify"  # classify | lm
+  c.model.input = "tokens"  # tokens (embedding table) | continuous (linear encoder)
+  c.model.d_input = 1  # feature size of continuous inputs
+  c.model.d_model = 128
+  c.model.n_layers = 4
+  c.model.pattern = "s4d"  # comma-separated mixer names, repeated to n_layers
+  c.model.mixers = ml_collections.ConfigDict()  # per-mixer keyword arguments, e.g. mixers.s4d.d_state
+  c.model.norm = "layer"
+  c.model.prenorm = True
+  c.model.dropout = 0.0
+  c.model.mlp_ratio = 0  # 0: no MLP sub-block after the mixer
+  c.model.mlp_activation = "swiglu"
+  c.model.pool = "mean"  # classifier pooling over real (unpadded) tokens
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "lra_listops"
+  c.data.data_dir = "data/tfds"
+  c.data.manual_dir = ml_collections.config_dict.placeholder(str)  # None: generate the data
+  c.data.seq_len = 2048
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.data.num_train = 96_000
+  c.data.num_val = 2_000
+  c.data.num_test = 2_000
+  c.data.min_length = 500
+  c.data.max_length = 2_000
+  c.data.max_depth = 10
+  c.data.max_args = 10
+  c.data.gen_seed = 0
+  c.data.operator_prob = ml_collections.config_dict.placeholder(float)  # None: chosen from the lengths
+  c.data.truncate = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.ssm_lr = 1e-3  # learning rate of the mixers' `ssm_param_names` (A, B, log dt ...)
+  c.optim.weight_decay = 0.01  # not applied to SSM parameters, biases and norm scales
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0  # global norm; 0 disables
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "cosine"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1_000
+  c.train.log_every = 50
+  c.train.eval_every = 500  # 0: evaluate only at the end
+  c.train.checkpoint_every = 500  # 0: no checkpoints
+  c.train.keep_checkpoints = 3
+  c.train.progress_bar = True
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]`: calls the file's `get_config(arg)` and merges it over `default_config()`."""
+  file_path, _, arg = path.partition(":")
+  p = pathlib.Path(file_path)
+  if not p.is_file():
+    raise FileNotFoundError(f"config file not found: {file_path}")
+  spec = importlib.util.spec_from_file_location(f"_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise AttributeError(f"config file {file_path} defines no get_config()")
+  config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise TypeError(f"{file_path}: get_config() must return a ConfigDict (use ssm.config.build), "
+                    f"got {type(config).__name__}")
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+  """Applies command-line overrides `section.field=value` (value parsed as a Python literal, else a string)."""
+  for item in overrides:
+    field, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(field, f"override {item!r} is not of the form field=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, key = field.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if part not in node:
+        if ".".join(parents[:i]) != "model.mixers":
+          raise ConfigError(".".join(parents[: i + 1]), "unknown section")
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    if key not in node and not field.startswith("model.mixers."):
+      raise ConfigError(field, f"unknown field (known: {', '.join(sorted(node.keys()))})")
+    if isinstance(value, int) and isinstance(node.get(key), float):
+      value = float(value)
+    try:
+      node[key] = value
+    except TypeError as e:
+      raise ConfigError(field, f"cannot set {value!r}: {e}") from None
+  return config
+
+
+def merge(base: ml_collections.ConfigDict, overrides: dict, prefix: str = "") -> ml_collections.ConfigDict:
+  """Recursively sets `overrides` on `base`; an unknown field is an error (typos never pass silently).
+
+  `model.mixers` is open: it holds the keyword arguments of whichever mixers the pattern names.
+  """
+  for key, value in overrides.items():
+    field = f"{prefix}{key}"
+    if key not in base:
+      if not prefix.startswith("model.mixers."):
+        raise ConfigError(field, f"unknown field (known: {', '.join(sorted(base.keys()))})")
+      base[key] = ml_collections.ConfigDict() if isinstance(value, dict) else value
+    if isinstance(base[key], ml_collections.ConfigDict):
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(field, f"expected a section (dict), got {value!r}")
+      merge(base[key], dict(value), prefix=f"{field}.")
+    else:
+      base[key] = value
+  return base
+
+
+def build(**sections) -> ml_collections.ConfigDict:
+  """`default_config()` with the given sections/fields merged in; what an experiment's get_config returns."""
+  return merge(default_config(), sections)
+
+
+def pattern_of(model_cfg) -> tuple[str, ...]:
+  """The mixer name of every layer: `model.pattern` repeated to `model.n_layers`."""
+  names = tuple(n.strip() for n in str(model_cfg.pattern).split(",") if n.strip())
+  return names * (model_cfg.n_layers // max(len(names), 1))
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(field, message)
+
+
+def _one_of(value, choices, field):
+  _check(value in choices, field, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _positive_int(value, field):
+  _check(isinstance(value, int) and value > 0, field, f"must be a positive integer, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None:
+  """Raises ConfigError naming the first bad field. Nothing is compiled or loaded here."""
+  m, d, o, t = config.model, config.data, config.optim, config.train
+  _one_of(m.task, TASKS, "model.task")
+  _one_of(m.input, INPUTS, "model.input")
+  _one_of(m.pool, POOLS, "model.pool")
+  _one_of(m.norm, NORMS, "model.norm")
+  _one_of(m.mlp_activation, MLP_ACTIVATIONS, "model.mlp_activation")
+  _positive_int(m.d_model, "model.d_model")
+  _positive_int(m.n_layers, "model.n_layers")
+  _positive_int(m.d_input, "model.d_input")
+  _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+  _check(isinstance(m.mlp_ratio, int) and m.mlp_ratio >= 0, "model.mlp_ratio",
+         f"must be a non-negative integer, got {m.mlp_ratio!r}")
+
+  names = [n.strip() for n in str(m.pattern).split(",")]
+  _check(all(names), "model.pattern", f"empty mixer name in {m.pattern!r}")
+  for name in names:
+    _check(name in blocks.mixer_names(), "model.pattern",
+           f"unknown mixer {name!r} (known: {', '.join(blocks.mixer_names())})")
+  _check(m.n_layers % len(names) == 0, "model.n_layers",
+         f"{m.n_layers} layers cannot repeat the pattern {m.pattern!r} of {len(names)} mixers evenly")
+  for name, kwargs in m.mixers.items():
+    _check(name in names, f"model.mixers.{name}", f"settings for a mixer the pattern {m.pattern!r} does not use")
+    cls = blocks.get_mixer(name)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "d_model"}
+    for key in kwargs.keys():
+      _check(key in fields, f"model.mixers.{name}.{key}",
+             f"{cls.__name__} has no such argument (known: {', '.join(sorted(fields))})")
+
+  _positive_int(d.seq_len, "data.seq_len")
+  _positive_int(d.batch_size, "data.batch_size")
+  _positive_int(d.eval_batch_size, "data.eval_batch_size")
+  for field, size in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
+    _check(size % num_devices == 0, field,
+           f"{size} does not divide over the {num_devices} devices of the data mesh")
+
+  for field in ("lr", "ssm_lr", "weight_decay", "grad_clip"):
+    value = o[field]
+    _check(isinstance(value, (int, float)) and value >= 0, f"optim.{field}", f"must be >= 0, got {value!r}")
+  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", f"Adam betas must be in [0, 1), got {o.b1}, {o.b2}")
+  _one_of(o.schedule, SCHEDULES, "optim.schedule")
+  _check(isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps < t.num_steps, "optim.warmup_steps",
+         f"must be in [0, train.num_steps={t.num_steps}), got {o.warmup_steps!r}")
+
+  _positive_int(t.num_steps, "train.num_steps")
+  _positive_int(t.log_every, "train.log_every")
+  _positive_int(t.keep_checkpoints, "train.keep_checkpoints")
+  for field in ("eval_every", "checkpoint_every"):
+    value = t[field]
+    _check(isinstance(value, int) and value >= 0, f"train.{field}", f"must be >= 0, got {value!r}")

@@ -1,0 +1,1 @@
+"""Datasets: TFDS builders written as array_record, read through grain pipelines."""

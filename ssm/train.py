@@ -1,0 +1,288 @@
+"""Training: the train state, AdamW with an SSM parameter group, the sharded train/eval steps, the loop.
+
+The steps are `jax.jit`-compiled with `NamedSharding`s over a mesh with one `data` axis spanning all
+devices: the batch is split along `data`, parameters and optimizer state are replicated, and XLA
+inserts the gradient all-reduce. Loss and metrics are means over the global batch, so a step gives
+the same result on 1 device as on 8.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ssm import checkpoint as checkpoint_lib
+from ssm import config as config_lib
+from ssm import metrics as metrics_lib
+from ssm import model as model_lib
+from ssm.data import tasks
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # number of batches consumed (applied or skipped)
+  params: Any
+  opt_state: Any
+  skipped: jax.Array  # steps whose loss or gradient was not finite, so not applied
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def learning_rate_schedule(peak: float, optim_cfg, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine to 0 at `num_steps` (or constant)."""
+  warmup = optim_cfg.warmup_steps
+  if optim_cfg.schedule == "constant":
+    return optax.linear_schedule(0.0, peak, max(warmup, 1)) if warmup else optax.constant_schedule(peak)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, end_value=0.0)
+
+
+def param_groups(params, ssm_names: frozenset[str]):
+  """Labels each parameter: "ssm" (its name is a mixer's SSM parameter), "no_decay" (biases, norm
+  scales: rank < 2) or "decay"."""
+
+  def label(path, leaf):
+    name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+    if name in ssm_names:
+      return "ssm"
+    return "decay" if leaf.ndim >= 2 else "no_decay"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(optim_cfg, num_steps: int, params, ssm_names: frozenset[str]) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW per group: SSM parameters get `ssm_lr` and no weight decay."""
+
+  def adamw(lr, wd):
+    return optax.adamw(learning_rate_schedule(lr, optim_cfg, num_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                       weight_decay=wd)
+
+  groups = optax.multi_transform(
+      {"decay": adamw(optim_cfg.lr, optim_cfg.weight_decay), "no_decay": adamw(optim_cfg.lr, 0.0),
+       "ssm": adamw(optim_cfg.ssm_lr, 0.0)},
+      param_groups(params, ssm_names))
+  if optim_cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), groups)
+  return groups
+
+
+def classification_loss(logits, labels, weights):
+  """Weighted mean cross-entropy and accuracy; logits [batch, classes], labels/weights [batch]."""
+  logits = logits.astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  total = jnp.maximum(weights.sum(), 1e-9)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return (nll * weights).sum() / total, {"accuracy": (correct * weights).sum() / total}
+
+
+def lm_loss(logits, tokens, mask):
+  """Next-token cross-entropy; logits [batch, length, vocab] predict tokens[:, 1:] where mask is True."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets, weights = tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  total = jnp.maximum(weights.sum(), 1e-9)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return (nll * weights).sum() / total, {"accuracy": (correct * weights).sum() / total}
+
+
+def compute_loss(model: nn.Module, params, batch, rng):
+  logits, _ = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], rngs={"dropout": rng})
+  if model.head == "lm":
+    return lm_loss(logits, batch["tokens"], batch["mask"])
+  return classification_loss(logits, batch["label"], batch["weight"])
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, seed: int) -> Callable:
+  """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves params and optimizer
+  state unchanged, counts in `state.skipped`, and is reported in the metrics."""
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    (loss, aux), grads = jax.value_and_grad(compute_loss, argnums=1, has_aux=True)(
+        model, state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state),
+                       skipped=state.skipped + (~finite).astype(jnp.int32))
+    return state, {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32), **aux}
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """(params, batch) -> summed loss, correct count and weight, to be totalled over the eval set."""
+
+  def eval_step(params, batch):
+    logits, _ = model.apply({"params": params}, batch["tokens"], mask=batch["mask"])
+    if model.head == "lm":
+      loss, aux = lm_loss(logits, batch["tokens"], batch["mask"])
+      weight = batch["mask"][:, 1:].sum().astype(jnp.float32)
+    else:
+      loss, aux = classification_loss(logits, batch["label"], batch["weight"])
+      weight = batch["weight"].sum()
+    return {"loss_sum": loss * weight, "correct": aux["accuracy"] * weight, "weight": weight}
+
+  return eval_step
+
+
+class Trainer:
+  """Owns the compiled steps for one config on one mesh. `init_state` / `train_step` / `evaluate`
+  are usable on their own (the tests drive them directly); `run` is the whole loop."""
+
+  def __init__(self, config: ml_collections.ConfigDict, task: tasks.Task, mesh: Mesh | None = None):
+    self.config = config
+    self.task = task
+    self.mesh = make_mesh() if mesh is None else mesh
+    config_lib.validate(config, num_devices=self.mesh.size)
+    num_outputs = task.vocab_size if config.model.task == "lm" else task.num_classes
+    self.model = model_lib.build_model(config.model, num_outputs=num_outputs, vocab_size=task.vocab_size,
+                                       deterministic=False)
+    self.eval_model = self.model.clone(deterministic=True)
+    self.ssm_names = model_lib.ssm_param_names(self.model.pattern)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    self._optimizer = None
+    self._train_step = None
+    self._eval_step = jax.jit(make_eval_step(self.eval_model),
+                              in_shardings=(self.replicated, self.batch_sharding),
+                              out_shardings=self.replicated)
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Places this process's part of the global batch on the mesh, split along `data`."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def init_state(self, example_batch: dict[str, np.ndarray]) -> TrainState:
+    """Initialises parameters from `config.seed` and the optimizer state, replicated on the mesh."""
+    tokens = np.asarray(example_batch["tokens"])[:1]
+    mask = np.asarray(example_batch["mask"])[:1]
+    params = jax.jit(lambda: self.eval_model.init(jax.random.PRNGKey(self.config.seed), tokens, mask=mask),
+                     out_shardings=self.replicated)()["params"]
+    self._optimizer = make_optimizer(self.config.optim, self.config.train.num_steps, params, self.ssm_names)
+    opt_state = jax.jit(self._optimizer.init, out_shardings=self.replicated)(params)
+    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), self.replicated)  # two buffers: both are donated
+    state = TrainState(step=zero(), params=params, opt_state=opt_state, skipped=zero())
+    self._train_step = jax.jit(make_train_step(self.model, self._optimizer, self.config.seed),
+                               in_shardings=(self.replicated, self.batch_sharding),
+                               out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    return state
+
+  def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
+    if self._train_step is None:
+      raise RuntimeError("call init_state before train_step")
+    return self._train_step(state, self.shard_batch(batch))
+
+  def evaluate(self, params, split: str) -> dict[str, float]:
+    """Loss and accuracy over the whole split (every example once; padding examples weigh 0)."""
+    totals = None
+    for batch in self.task.eval_batches(split):
+      out = self._eval_step(params, self.shard_batch(batch))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    weight = max(float(totals["weight"]), 1e-9)
+    return {"loss": float(totals["loss_sum"]) / weight, "accuracy": float(totals["correct"]) / weight,
+            "examples": float(totals["weight"])}
+
+  def run(self, workdir: str | pathlib.Path, *, stop_at: int | None = None, log: Callable = print) -> dict:
+    """Trains to `train.num_steps` (resuming from the newest checkpoint in `workdir`), evaluating on
+    the validation split every `eval_every` steps and on the test split at the end.
+
+    `stop_at` ends the run early after that many steps, as a preemption would (a checkpoint is
+    saved there); the learning-rate schedule still follows `train.num_steps`.
+    Returns the final metrics: {"step", "validation": {...}, "test": {...}, "majority_rate"}.
+    """
+    cfg = self.config.train
+    workdir = pathlib.Path(workdir)
+    data_iter = self.task.train_iterator()
+    first = next(iter(self.task.eval_batches("validation")))
+    state = self.init_state(first)
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=cfg.checkpoint_every,
+                                       keep=cfg.keep_checkpoints)
+    restored = ckpt.restore(state)
+    if restored is not None:
+      state, data_state, step = restored
+      data_iter.set_state(data_state)
+      log(f"resumed from step {step} in {workdir / 'checkpoints'}")
+    writer = metrics_lib.MetricWriter(workdir)
+    end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
+    step = int(state.step)
+    bar = _progress(step, cfg.num_steps, enabled=cfg.progress_bar)
+    window: list[dict] = []
+    t0 = time.time()
+    try:
+      while step < end:
+        state, m = self.train_step(state, next(data_iter))
+        step += 1
+        window.append(m)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == end:
+          means = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
+          means["steps_per_s"] = len(window) / max(time.time() - t0, 1e-9)
+          window, t0 = [], time.time()
+          writer.write("train", step, means)
+          bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+          if means["nonfinite"] > 0:
+            log(f"step {step}: {int(round(means['nonfinite'] * cfg.log_every))} step(s) had a non-finite "
+                f"loss or gradient and were not applied")
+          if not cfg.progress_bar:
+            log(metrics_lib.format_metrics("train", step, means))
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+          self._log_eval(writer, state, step, "validation", log)
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == end):
+          ckpt.maybe_save(step, state, data_iter.get_state(), force=step == end)
+      bar.close()
+      result: dict[str, Any] = {"step": step}
+      if step >= cfg.num_steps:
+        result["validation"] = self._log_eval(writer, state, step, "validation", log)
+        result["test"] = self._log_eval(writer, state, step, "test", log)
+        if self.config.model.task == "classify":
+          result["majority_rate"] = self.task.majority_rate("test")
+      result["state"] = state
+      result["data_state"] = data_iter.get_state()
+      return result
+    finally:
+      ckpt.close()
+      writer.close()
+
+  def _log_eval(self, writer, state, step, split, log):
+    m = self.evaluate(state.params, split)
+    writer.write(split, step, m)
+    log(metrics_lib.format_metrics(split, step, m))
+    return m
+
+
+class _NoBar:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kw):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress(initial: int, total: int, *, enabled: bool):
+  if not enabled or jax.process_index() != 0:
+    return _NoBar()
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)

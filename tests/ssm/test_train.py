@@ -1,0 +1,197 @@
+"""End-to-end training on generated ListOps: learning, exact resume, the optimizer groups, NaN steps,
+and the same step on 8 devices as on 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssm import train as train_lib
+from ssm.data import tasks
+
+from tests.ssm.conftest import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _trainer(config):
+  return train_lib.Trainer(config, tasks.load_task(config.data, seed=config.seed))
+
+
+def test_loss_goes_down(tiny):
+  """Training on the stream lowers the validation loss; repeating one batch drives its loss far down."""
+  tiny.train.num_steps = 100  # the cosine schedule stays near its peak for these 40 steps
+  tiny.optim.lr = 1e-2
+  trainer = _trainer(tiny)
+  data = trainer.task.train_iterator()
+  state = trainer.init_state(next(trainer.task.train_iterator()))
+  before = trainer.evaluate(state.params, "validation")["loss"]
+  for _ in range(30):
+    state, m = trainer.train_step(state, next(data))
+    assert np.isfinite(float(m["loss"]))
+  after = trainer.evaluate(state.params, "validation")["loss"]
+  assert after < before - 0.03, (before, after)
+  batch = next(data)
+  losses = []
+  for _ in range(30):
+    state, m = trainer.train_step(state, batch)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(tiny, tmp_path):
+  full = _trainer(tiny).run(tmp_path / "full", log=lambda *_: None)
+  first = _trainer(tiny).run(tmp_path / "resumed", stop_at=4, log=lambda *_: None)
+  assert first["step"] == 4 and "test" not in first
+  resumed = _trainer(tiny).run(tmp_path / "resumed", log=lambda *_: None)
+  assert resumed["step"] == full["step"] == tiny.train.num_steps
+  assert int(resumed["state"].step) == int(full["state"].step) == 6
+  for a, b in zip(jax.tree.leaves(resumed["state"].params), jax.tree.leaves(full["state"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(resumed["state"].opt_state), jax.tree.leaves(full["state"].opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed["data_state"] == full["data_state"]
+  task = tasks.load_task(tiny.data, seed=tiny.seed)
+  it_full, it_resumed = task.train_iterator(), task.train_iterator()
+  it_full.set_state(full["data_state"])
+  it_resumed.set_state(resumed["data_state"])
+  next_full, next_resumed = next(it_full), next(it_resumed)
+  for key in next_full:
+    np.testing.assert_array_equal(next_full[key], next_resumed[key])
+  assert resumed["test"] == full["test"]
+  # Metrics went to JSONL for both halves of the resumed run.
+  steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert {2, 4, 6} <= set(steps)
+
+
+def test_eval_counts_every_example_once(tiny):
+  trainer = _trainer(tiny)
+  state = trainer.init_state(next(trainer.task.train_iterator()))
+  for split, size in (("validation", tiny.data.num_val), ("test", tiny.data.num_test)):
+    m = trainer.evaluate(state.params, split)
+    assert m["examples"] == size
+    assert 0.0 <= m["accuracy"] <= 1.0 and np.isfinite(m["loss"])
+
+
+def test_optimizer_groups_learning_rates_and_decay(tiny):
+  """First AdamW step with constant lr: update = -lr * (g / (|g| + eps) + wd * p) per group."""
+  tiny.optim.update(schedule="constant", warmup_steps=0, grad_clip=0.0, lr=1e-2, ssm_lr=1e-4, weight_decay=0.5)
+  trainer = _trainer(tiny)
+  batch = next(trainer.task.train_iterator())
+  state = trainer.init_state(batch)
+  before = jax.device_get(state.params)
+  grads = jax.grad(lambda p: train_lib.compute_loss(trainer.model, p, trainer.shard_batch(batch),
+                                                      jax.random.PRNGKey(0))[0])(state.params)
+  state, _ = trainer.train_step(state, batch)
+  after = jax.device_get(state.params)
+  labels = train_lib.param_groups(before, trainer.ssm_names)
+  seen = set()
+  for path, label in jax.tree_util.tree_leaves_with_path(labels):
+    p0 = np.asarray(_get(before, path), np.float64)
+    g = np.asarray(_get(grads, path), np.float64)
+    lr, wd = {"ssm": (1e-4, 0.0), "decay": (1e-2, 0.5), "no_decay": (1e-2, 0.0)}[label]
+    expected = p0 - lr * (g / (np.abs(g) + 1e-8) + wd * p0)
+    assert _rel(_get(after, path), expected) < 1e-4, (path, label)
+    seen.add(label)
+  assert seen == {"ssm", "decay", "no_decay"}
+  leaf_names = {str(path[-1].key): label for path, label in jax.tree_util.tree_leaves_with_path(labels)}
+  assert leaf_names["log_dt"] == "ssm" and leaf_names["kernel"] == "decay"
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_nonfinite_step_is_not_applied(tiny):
+  trainer = _trainer(tiny)
+  batch = next(trainer.task.train_iterator())
+  state = trainer.init_state(batch)
+  bad = jax.tree.map(lambda x: x, state.params)
+  bad["out"]["bias"] = bad["out"]["bias"].at[0].set(jnp.nan)
+  state = state.replace(params=bad)
+  before = jax.device_get(state)
+  new, m = trainer.train_step(state, batch)
+  assert float(m["nonfinite"]) == 1.0 and int(new.skipped) == 1 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(before.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_on_8_devices_matches_1_device(tmp_path):
+  script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+import jax, numpy as np
+assert jax.device_count() == 8, jax.devices()
+from ssm import train as train_lib
+from ssm.data import tasks
+from tests.ssm.conftest import tiny_config
+config = tiny_config({str(tmp_path / 'tfds')!r})
+task = tasks.load_task(config.data, seed=config.seed)
+out = {{}}
+for n in (1, 8):
+  trainer = train_lib.Trainer(config, task, mesh=train_lib.make_mesh(jax.devices()[:n]))
+  data = task.train_iterator()
+  state = trainer.init_state(next(task.train_iterator()))
+  losses = []
+  for _ in range(3):
+    state, m = trainer.train_step(state, next(data))
+    losses.append(float(m["loss"]))
+  out[n] = (losses, [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))])
+  assert state.params["out"]["kernel"].sharding.mesh.size == n
+rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+print(json.dumps({{"loss_rel": [abs(a - b) / abs(b) for a, b in zip(out[8][0], out[1][0])],
+                  "param_rel": max(rel(a, b) for a, b in zip(out[8][1], out[1][1]))}}))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert max(result["loss_rel"]) < 1e-5, result
+  assert result["param_rel"] < 1e-5, result
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--config.model.pattern=s4d,nope"], "config field 'model.pattern': unknown mixer 'nope'"),
+    (["--config.data.seq_len=8"], "seq_len"),
+])
+def test_cli_reports_bad_config_and_data(tmp_path, bad, message):
+  cmd = [sys.executable, "-m", "ssm", "train", "--config", "experiments/lra/listops.py:cpu",
+         "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={tmp_path / 'tfds'}",
+         "--config.data.num_train=50", "--config.data.num_val=20", "--config.data.num_test=20",
+         "--config.data.max_length=40", "--config.data.max_depth=3", *bad]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_cli_train_end_to_end(tmp_path):
+  cmd = [sys.executable, "-m", "ssm", "train", "--config", "experiments/lra/listops.py:cpu",
+         "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={tmp_path / 'tfds'}",
+         "--config.data.num_train=200", "--config.data.num_val=40", "--config.data.num_test=40",
+         "--config.data.max_length=60", "--config.data.seq_len=64", "--config.data.max_depth=3",
+         "--config.model.n_layers=2", "--config.train.num_steps=10", "--config.optim.warmup_steps=2",
+         "--config.train.eval_every=5", "--config.train.checkpoint_every=5", "--config.train.log_every=5",
+         "--config.data.eval_batch_size=32"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "test accuracy" in proc.stdout and "majority-class rate" in proc.stdout
+  result = json.loads((tmp_path / "run" / "result.json").read_text())
+  assert result["step"] == 10 and result["test"]["examples"] == 40
+  assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+  assert list((tmp_path / "run" / "tensorboard").iterdir())
