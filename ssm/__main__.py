@@ -31,11 +31,13 @@ def _parse_run_args(command: str, argv: list[str]):
 
 def _setup(args, overrides):
   import jax
+  import tensorflow_datasets as tfds
 
   from ssm import config as config_lib
   from ssm.data import tasks
   if args.multihost:
     jax.distributed.initialize()
+  tfds.disable_progress_bar()
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
   config_lib.validate(config, num_devices=jax.device_count())
   preset = args.config.partition(":")[2]

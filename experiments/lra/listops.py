@@ -35,6 +35,6 @@ def get_config(preset=None):
         data=dict(seq_len=128, batch_size=32, eval_batch_size=128, num_train=20_000, num_val=1_000,
                   num_test=1_000, min_length=10, max_length=128, max_depth=4, max_args=5),
         optim=dict(lr=0.004, ssm_lr=0.001, warmup_steps=100),
-        train=dict(num_steps=1_500, log_every=50, eval_every=500, checkpoint_every=500),
+        train=dict(num_steps=3_000, log_every=50, eval_every=500, checkpoint_every=1_000),
     ))
   raise ValueError(f"unknown preset {preset!r} for experiments/lra/listops.py (known: cpu)")

@@ -1,0 +1,77 @@
+"""ssm.bench: the command runs end to end at tiny sizes and reports every implementation.
+
+No timing thresholds: only that the numbers exist, are positive, and are internally consistent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layers import scan
+from ssm import bench
+
+TINY = ["--ops", "scan", "--lengths", "16,24", "--batch", "2", "--features", "3",
+        "--repeats", "2", "--warmup", "1"]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_scan_rows_and_table(tmp_path, capsys, grad):
+  out = tmp_path / "bench.json"
+  argv = TINY + ["--json", str(out), "--scan-chunk-sizes", "4"] + (["--grad"] if grad else [])
+  assert bench.main(argv) == 0
+  printed = capsys.readouterr().out
+  report = json.loads(out.read_text())
+
+  assert report["device"]["platform"] and report["jax_version"] and report["date"]
+  rows = report["rows"]
+  expected_impls = set(scan.IMPLEMENTATIONS) | {"chunked[c=4]"}
+  mode = "fwd+bwd" if grad else "fwd"
+  for shape in ["2x16x3", "2x24x3"]:
+    at_shape = {r["impl"]: r for r in rows if r["shape"] == shape}
+    assert set(at_shape) == expected_impls
+    assert at_shape["reference"]["speedup"] == 1.0
+    for r in at_shape.values():
+      assert r["op"] == "scan" and r["mode"] == mode and r["dtype"] == "float32"
+      assert r["ms"] > 0 and r["min_ms"] > 0 and r["first_call_ms"] > 0
+      assert r["speedup"] == pytest.approx(at_shape["reference"]["ms"] / r["ms"])
+      batch, length, features = map(int, shape.split("x"))
+      # float32 a, b in and h out; with --grad a, b, dh in and da, db out.
+      assert r["bytes"] == (5 if grad else 3) * batch * length * features * 4
+      bandwidth = report["settings"]["bandwidth_gbs"]
+      assert r["roofline_ms"] == pytest.approx(r["bytes"] / (bandwidth * 1e9) * 1e3)
+  table_lines = printed.splitlines()
+  for impl in expected_impls:
+    assert any(impl in line.split() for line in table_lines), impl
+  assert report["device"]["platform"] in table_lines[0]
+
+
+def test_bandwidth_flag_sets_roofline(tmp_path):
+  out = tmp_path / "bench.json"
+  assert bench.main(TINY + ["--lengths", "8", "--bandwidth-gbs", "2.5", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["shape"] for r in rows} == {"2x8x3"}  # a repeated flag overrides, as in argparse
+  for r in rows:
+    assert r["roofline_ms"] == pytest.approx(r["bytes"] / 2.5e9 * 1e3)
+
+
+def test_default_bandwidth_by_device():
+  assert bench.default_bandwidth_gbs("gpu", "NVIDIA H100 80GB HBM3") == 3350.0
+  assert bench.default_bandwidth_gbs("gpu", "NVIDIA H100 PCIe") == 2000.0
+  assert bench.default_bandwidth_gbs("tpu", "TPU v5 lite") == 819.0
+  assert bench.default_bandwidth_gbs("gpu", "Some Future GPU") == 1000.0
+  assert bench.default_bandwidth_gbs("cpu", "cpu") > 0
+
+
+def test_unknown_op_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as info:
+    bench.main(["--ops", "nosuchop"])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert "nosuchop" in err and "scan" in err
+
+
+def test_register_rejects_duplicates():
+  with pytest.raises(ValueError, match="scan"):
+    bench.register("scan", "again")(lambda args: [])
