@@ -235,7 +235,8 @@ class Trainer:
         window.append(m)
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
-          means = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
+          window = jax.device_get(window)  # one transfer; waits for the queued steps
+          means = {k: float(np.mean([x[k] for x in window])) for k in window[0]}
           means["steps_per_s"] = len(window) / max(time.time() - t0, 1e-9)
           window, t0 = [], time.time()
           writer.write("train", step, means)
