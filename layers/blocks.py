@@ -264,7 +264,7 @@ def get_mixer(name: str) -> type[nn.Module]:
   return target
 
 
-register_mixer("s4d", "layers.s4:S4D")
+register_mixer("s4d", "layers.s4d:S4D")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from scipy.special import erf
 from layers import blocks
 from layers.blocks import (GatedMLP, LayerNorm, ResidualBlock, RMSNorm, ShortConv, apply_rope,
                            get_mixer, mixer_names, register_mixer)
-from layers.s4 import S4D
+from layers.s4d import S4D
 
 
 def rel(out, ref) -> float:
@@ -324,14 +324,14 @@ def test_registry(toy_registered):
   register_mixer("toy_test_mixer", S4D, overwrite=True)
   assert get_mixer("toy_test_mixer") is S4D
   with pytest.raises(ValueError, match="'package.module:ClassName'"):
-    register_mixer("toy_bad_module", "layers.s4.S4D")
+    register_mixer("toy_bad_module", "layers.s4d.S4D")
   with pytest.raises(ValueError, match="flax.linen Module class"):
     register_mixer("toy_bad_module", len)
   register_mixer("toy_bad_module", "layers.no_such_module:X")
   with pytest.raises(ImportError, match="mixer 'toy_bad_module': cannot import module"):
     get_mixer("toy_bad_module")
-  register_mixer("toy_bad_attr", "layers.s4:NoSuchClass")
-  with pytest.raises(ValueError, match="module 'layers.s4' has no attribute 'NoSuchClass'"):
+  register_mixer("toy_bad_attr", "layers.s4d:NoSuchClass")
+  with pytest.raises(ValueError, match="module 'layers.s4d' has no attribute 'NoSuchClass'"):
     get_mixer("toy_bad_attr")
 
 

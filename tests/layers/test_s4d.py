@@ -1,4 +1,4 @@
-"""Tests for layers/s4.py (S4D) against float64 numpy references built from the definitions."""
+"""Tests for layers/s4d.py (S4D) against float64 numpy references built from the definitions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from layers.s4 import S4D, s4d_discretize, s4d_inv_init, s4d_kernel, s4d_lin_init
+from layers.s4d import S4D, s4d_discretize, s4d_inv_init, s4d_kernel, s4d_lin_init
 
 
 def rel(out, ref) -> float:
