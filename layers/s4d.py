@@ -3,16 +3,30 @@ Initialization of Diagonal State Space Models").
 
 Per channel h (of H = d_model) the continuous system x'(t) = A x(t) + B u(t), y(t) = C x(t) has a
 diagonal complex A with N/2 modes (N = d_state); the other N/2 are the complex conjugates, so
-every output is 2 * Re(...) over the kept half. Zero-order-hold discretisation with step dt:
-    dA = exp(dt * A),   dB = (exp(dt * A) - 1) / A * B,
+every output is 2 * Re(...) over the kept half (the kept half has Im(A) >= 0 at initialisation).
+With step dt the discrete system is
     x_t = dA x_{t-1} + dB u_t,   y_t = 2 Re(C x_t) + D u_t,
+    zoh:       dA = exp(dt A),                    dB = (exp(dt A) - 1) / A * B,
+    bilinear:  dA = (1 + dt A/2) / (1 - dt A/2),  dB = dt / (1 - dt A/2) * B,
 which unrolls into the convolution y = K * u + D u with the Vandermonde kernel
-    K[l, h] = 2 Re( sum_n C[h, n] dB[h, n] dA[h, n]^l ),   0 <= l < L.
+    K[l, h] = 2 Re( sum_n C[h, n] dB[h, n] dA[h, n]^l ),   0 <= l < L,
+where dA^l = exp(l log dA) (log dA = dt A for zoh; any branch of the log gives the same integer
+powers). The convolution form, the segmented recurrence and the streaming cache all use the same
+(log dA, dB), so the three modes agree to rounding.
 
-Pure functions: `s4d_lin_init`, `s4d_inv_init`, `s4d_discretize`, `s4d_kernel`.
-Module: `S4D`, with the three modes of the mixer interface (convolution, segmented recurrence,
-streaming). Shapes: x [batch, length, d_model]; complex parameters are stored as real pairs
-[..., 2] = (real, imag).
+Initialisations of A (`a_init`), all with N/2 modes and Im(A) >= 0:
+  lin     S4D-Lin   A_n = -1/2 + i pi n
+  inv     S4D-Inv   A_n = -1/2 + i N/pi (N/(2n+1) - 1)
+  legs    S4D-LegS  the diagonal part Lambda of the DPLR form of HiPPO-LegS (`layers.hippo.nplr`),
+                    with B from the same decomposition (B in the eigenbasis) by default
+  random  A_n = -1/2 + i pi U_n,  U_n ~ Uniform(0, N/2) i.i.d. per SSM and mode: the frequency range
+          of S4D-Lin with the frequencies placed at random.
+
+Pure functions: `s4d_lin_init`, `s4d_inv_init`, `s4d_legs_init`, `s4d_random_init`,
+`s4d_discretize`, `s4d_kernel`, `default_kernel_chunk_size`. Module: `S4D`, with the three modes of
+the mixer interface (convolution, segmented recurrence, streaming), and the methods `ssm` (the
+continuous parameters) and `kernel` (the convolution kernel) for inspection. Shapes: x [batch,
+length, d_model]; complex parameters are stored as real pairs [..., 2] = (real, imag).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from layers import hippo
 from layers.long_conv import fft_conv
 from layers.scan import linear_scan
 
@@ -55,50 +70,200 @@ def s4d_inv_init(d_state: int) -> np.ndarray:
   return -0.5 + 1j * big_n / np.pi * (big_n / (2 * n + 1) - 1)
 
 
-_A_INITS: dict[str, Callable[[int], np.ndarray]] = {"lin": s4d_lin_init, "inv": s4d_inv_init}
+def s4d_legs_init(d_state: int) -> tuple[np.ndarray, np.ndarray]:
+  """S4D-LegS: (A, B), complex128 [N/2] each, from the DPLR form of HiPPO-LegS.
+
+  A is `hippo.nplr("legs", N)`'s Lambda (the eigenvalues of the normal part, Re = -1/2) and B the
+  HiPPO B expressed in the same eigenbasis (B = V^* B0, so that with y = 2 Re(C x) the diagonal
+  system is the normal part of HiPPO-LegS). Modes are taken with Im(A) >= 0, which hippo already
+  does; a mode with Im < 0 would be replaced by its conjugate partner (A and B both conjugated:
+  the same real system). The order of the modes is hippo's (ascending Im).
+  """
+  _check_d_state(d_state)
+  lam, _, b, _ = hippo.nplr("legs", d_state)
+  lam, b = np.asarray(lam, np.complex128), np.asarray(b, np.complex128)
+  flip = lam.imag < 0
+  return np.where(flip, lam.conj(), lam), np.where(flip, b.conj(), b)
+
+
+def s4d_random_init(key: Array, d_state: int, shape: tuple[int, ...] = (),
+                    dtype: Any = jnp.float32) -> Array:
+  """Random S4D init: A_n = -1/2 + i pi U_n with U_n ~ Uniform(0, N/2) i.i.d.
+
+  Returns complex [*shape, N/2] (complex64 for float32 `dtype`), one draw per entry.
+  """
+  n2 = _check_d_state(d_state)
+  u = jax.random.uniform(key, tuple(shape) + (n2,), dtype, 0.0, float(n2))
+  return jax.lax.complex(jnp.full_like(u, -0.5), math.pi * u)
+
+
+_DETERMINISTIC_A_INITS: dict[str, Callable[[int], np.ndarray]] = {
+    "lin": s4d_lin_init, "inv": s4d_inv_init, "legs": lambda n: s4d_legs_init(n)[0]}
+_A_INITS = tuple(_DETERMINISTIC_A_INITS) + ("random",)
+_B_INITS = ("auto", "ones", "hippo")
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms between the stored parameters and A
+
+_TRANSFORMS = ("exp", "relu", "softplus", "none")
+# relu alone would allow Re(A) = 0 (a mode that never decays); the floor keeps -Re(A) >= 1e-4.
+_RELU_FLOOR = 1e-4
+# exp / softplus cannot reach Im(A) = 0 (S4D-Lin's first mode); such modes start at this value.
+_IMAG_FLOOR = 1e-4
+# Parameter names by transform: they say what is stored, so a checkpoint cannot be misread.
+_REAL_NAMES = {"exp": "log_A_real", "softplus": "A_real_softplus", "relu": "A_real_relu",
+               "none": "A_real"}
+_IMAG_NAMES = {"none": "A_imag", "exp": "log_A_imag", "softplus": "A_imag_softplus",
+               "relu": "A_imag_relu"}
+
+
+def _transform(name: str, s: Array) -> Array:
+  if name == "exp":
+    return jnp.exp(s)
+  if name == "softplus":
+    return jax.nn.softplus(s)
+  if name == "relu":
+    return jax.nn.relu(s)
+  return s
+
+
+def _inverse_transform(name: str, y, xp=np):
+  """s with _transform(name, s) = y, for y > 0 (y >= 0 for relu/none)."""
+  if name == "exp":
+    return xp.log(y)
+  if name == "softplus":
+    return y + xp.log(-xp.expm1(-y))  # log(exp(y) - 1) without overflow
+  return y
+
+
+def _real_from_param(name: str, s: Array) -> Array:
+  if name == "none":
+    return s
+  return -(_transform(name, s) + (_RELU_FLOOR if name == "relu" else 0.0))
+
+
+def _real_to_param(name: str, a_real, xp=np):
+  if name == "none":
+    return a_real
+  return _inverse_transform(name, -a_real - (_RELU_FLOOR if name == "relu" else 0.0), xp)
+
+
+def _imag_to_param(name: str, a_imag, xp=np):
+  if name in ("exp", "softplus"):
+    a_imag = xp.maximum(a_imag, _IMAG_FLOOR)
+  return _inverse_transform(name, a_imag, xp)
 
 
 # --------------------------------------------------------------------------------------------
 # Discretisation and kernel
 
+_DISCRETIZATIONS = ("zoh", "bilinear")
 
-def s4d_discretize(dt: Array, A: Array, B: Array) -> tuple[Array, Array]:
-  """Zero-order hold. dt: [H] real; A, B: [H, N/2] complex.
 
-  Returns dA = exp(dt A), dB = (exp(dt A) - 1) / A * B, both [H, N/2] complex.
+def _check_discretization(discretization: str) -> None:
+  if discretization not in _DISCRETIZATIONS:
+    raise ValueError(f"discretization={discretization!r} is not one of {list(_DISCRETIZATIONS)}")
+
+
+def _expm1_over_z(z: Array) -> Array:
+  """(exp(z) - 1) / z, equal to 1 at z = 0 (A = 0 is reachable with the 'none' transforms)."""
+  eps = jnp.finfo(jnp.real(z).dtype).eps
+  small = jnp.abs(z) < math.sqrt(eps)
+  safe = jnp.where(small, jnp.ones_like(z), z)  # keeps NaN out of the unused branch's gradient
+  return jnp.where(small, 1.0 + 0.5 * z, jnp.expm1(safe) / safe)
+
+
+def _log_dA_and_dB(dt: Array, A: Array, B: Array, discretization: str) -> tuple[Array, Array]:
+  """(log dA, dB), [..., N/2] complex, broadcast from dt [H], A and B [H, N/2]."""
+  _check_discretization(discretization)
+  z = dt[..., None] * A
+  if discretization == "zoh":
+    # dB = (exp(z) - 1) / A * B = dt * expm1(z)/z * B: expm1 keeps the digits for small dt|A|.
+    return z, dt[..., None] * _expm1_over_z(z) * B
+  # log dA = log((1 + w) / (1 - w)), w = z/2, in a form that keeps float32 digits: the decay
+  # log|dA| = 1/2 log1p(4 Re(w) / |1 - w|^2) stays accurate when |dA| is close to 1 (where the
+  # difference log|1 + w| - log|1 - w| would cancel), and arg dA = arg((1 + w)(1 - conj w)).
+  w_re, w_im = 0.5 * jnp.real(z), 0.5 * jnp.imag(z)
+  log_abs = 0.5 * jnp.log1p(4.0 * w_re / ((1.0 - w_re) ** 2 + w_im ** 2))
+  angle = jnp.arctan2(2.0 * w_im, (1.0 - w_re) * (1.0 + w_re) - w_im ** 2)
+  return jax.lax.complex(log_abs, angle), dt[..., None] / (1.0 - 0.5 * z) * B
+
+
+def s4d_discretize(dt: Array, A: Array, B: Array,
+                   discretization: str = "zoh") -> tuple[Array, Array]:
+  """dt: [H] real; A, B: [H, N/2] complex. Returns dA, dB, both [H, N/2] complex.
+
+  zoh:      dA = exp(dt A),                    dB = (exp(dt A) - 1) / A * B
+  bilinear: dA = (1 + dt A/2) / (1 - dt A/2),  dB = dt / (1 - dt A/2) * B
+  dA is computed as exp(log dA), the same quantity `s4d_kernel` raises to the powers l.
   """
-  dtA = dt[..., None] * A
-  dA = jnp.exp(dtA)
-  return dA, (dA - 1.0) / A * B
+  log_da, db = _log_dA_and_dB(dt, A, B, discretization)
+  return jnp.exp(log_da), db
+
+
+# Vandermonde entries held at once by default: 2^22 complex values (32 MiB in complex64). Above it
+# the kernel is built in length chunks, so memory stays bounded however long the sequence is.
+KERNEL_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_kernel_chunk_size(num_modes: int, length: int) -> int | None:
+  """Length chunk of `s4d_kernel` when none is given; None when [modes, length] fits at once.
+
+  num_modes = H * N/2 (the Vandermonde rows). The chunk is the largest power of two with
+  num_modes * chunk <= KERNEL_CHUNK_ELEMENTS (at least 1).
+  """
+  if num_modes * length <= KERNEL_CHUNK_ELEMENTS:
+    return None
+  return 1 << max(0, (KERNEL_CHUNK_ELEMENTS // num_modes).bit_length() - 1)
 
 
 def s4d_kernel(dt: Array, A: Array, B: Array, C: Array, length: int, *,
-               chunk_size: int | None = None) -> Array:
+               discretization: str = "zoh", chunk_size: int | None = None) -> Array:
   """K[l, h] = 2 Re( sum_n C[h, n] dB[h, n] dA[h, n]^l ) for 0 <= l < length.
 
   dt: [H]; A, B: [H, N/2] complex; C: [H, N/2] or [channels, H, N/2] complex.
   Returns [length, H] (or [channels, length, H]) in the real dtype matching A's precision.
-  dA^l is formed as exp(l * dt * A), the Vandermonde matrix [H, N/2, chunk]; with chunk_size
-  the length axis is processed chunk by chunk so no more than [H, N/2, chunk_size] is held.
+  dA^l is exp(l log dA), the Vandermonde matrix [H, N/2, chunk], evaluated chunk by chunk along
+  the length so that no more than [H, N/2, chunk_size] of it is held; each chunk is recomputed in
+  the backward pass rather than stored. chunk_size=None picks `default_kernel_chunk_size(H * N/2,
+  length)` (no chunking while H * N/2 * length <= KERNEL_CHUNK_ELEMENTS); chunk_size >= length
+  builds the whole matrix at once.
+
+  Precision: dA^l is exact up to the rounding of log dA, which the power multiplies by l. In
+  float32 a mode that barely decays over the L steps therefore drifts by ~ l |arg dA| 6e-8 in
+  phase (any float32 recurrence does the same), e.g. ~2e-4 relative for LegS, N = 64, bilinear,
+  dt = 0.1 at L = 4096, against ~1e-6 for the default S4D-Lin. Float64 parameters (with
+  jax_enable_x64) give a float64 kernel.
   """
   if length < 1:
     raise ValueError(f"s4d_kernel: length must be >= 1, got {length}")
-  _, dB = s4d_discretize(dt, A, B)
-  dtA = dt[..., None] * A
-  cdb = C * dB  # [..., H, N/2]
-  real_dtype = jnp.real(cdb).dtype
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"s4d_kernel: chunk_size must be >= 1 or None, got {chunk_size}")
+  log_da, db = _log_dA_and_dB(dt, A, B, discretization)
+  cdb = C * db  # [..., H, N/2]
+  c_re, c_im = jnp.real(cdb), jnp.imag(cdb)
+  a_re, a_im = jnp.real(log_da), jnp.imag(log_da)
+  real_dtype = c_re.dtype
+  if chunk_size is None:
+    chunk_size = default_kernel_chunk_size(math.prod(a_re.shape), length) or length
 
   def block(positions):  # positions: [n] -> [..., n, H]
-    vander = jnp.exp(dtA[..., None] * positions.astype(real_dtype))  # [H, N/2, n]
-    return 2.0 * jnp.real(jnp.einsum("...hn,hnl->...lh", cdb, vander))
+    pos = positions.astype(real_dtype)
+    # Real and imaginary parts of dA^l as two real matrices: only Re(C dB dA^l) is needed, so
+    # the complex product would spend half its work on an imaginary part that is thrown away.
+    mag = jnp.exp(a_re[..., None] * pos)  # [H, N/2, n]
+    phase = a_im[..., None] * pos
+    return 2.0 * (jnp.einsum("...hn,hnl->...lh", c_re, mag * jnp.cos(phase))
+                  - jnp.einsum("...hn,hnl->...lh", c_im, mag * jnp.sin(phase)))
 
-  if chunk_size is None or chunk_size >= length:
+  if chunk_size >= length:
     return block(jnp.arange(length))
-  if chunk_size < 1:
-    raise ValueError(f"s4d_kernel: chunk_size must be >= 1, got {chunk_size}")
   num_chunks = -(-length // chunk_size)
   starts = jnp.arange(num_chunks) * chunk_size
-  chunks = jax.lax.map(lambda s: block(s + jnp.arange(chunk_size)), starts)  # [c, ..., n, H]
+  # checkpoint: the backward pass rebuilds each chunk's Vandermonde instead of storing them all.
+  chunk_fn = jax.checkpoint(lambda s: block(s + jnp.arange(chunk_size)))
+  chunks = jax.lax.map(chunk_fn, starts)  # [c, ..., n, H]
   chunks = jnp.moveaxis(chunks, 0, -3)  # [..., c, n, H]
   k = chunks.reshape(chunks.shape[:-3] + (num_chunks * chunk_size, chunks.shape[-1]))
   return k[..., :length, :]
@@ -128,47 +293,88 @@ def _complex_normal(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * math.sqrt(0.5)
 
 
+def _constant(value: np.ndarray):
+  """Initialiser broadcasting a fixed (float64, cast to the parameter dtype) array."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.broadcast_to(jnp.asarray(value, dtype), shape)
+  return init
+
+
 def _as_complex(p: Array) -> Array:
   return jax.lax.complex(p[..., 0], p[..., 1])
+
+
+def _pairs(z: np.ndarray) -> np.ndarray:
+  return np.stack([z.real, z.imag], axis=-1)
 
 
 class S4D(nn.Module):
   """The S4D layer: y = out_proj(dropout(act(ssm(x) + D * x))), out_proj = Dense(2 d_model) + GLU.
 
-  x: [batch, length, d_model] -> [batch, length, d_model]. One SSM per channel (H = d_model) with
-  N/2 = d_state/2 complex modes. GLU(z) = z[..., :H] * sigmoid(z[..., H:]) as in the S4 repo.
+  x: [batch, length, d_model] -> [batch, length, d_model]. H = d_model channels, each with N/2 =
+  d_state/2 complex modes; A and B are shared by groups of H / n_ssm channels. GLU(z) =
+  z[..., :H] * sigmoid(z[..., H:]) as in the S4 repo.
 
-  Parameters (complex ones as real pairs [..., 2]):
-    log_dt [H]            log-uniform in [dt_min, dt_max]
-    log_A_real [H, N/2]   A.real = -exp(log_A_real), starts at -1/2
-    A_imag [H, N/2]       S4D-Lin or S4D-Inv imaginary parts (`a_init`)
-    B [H, N/2, 2]         starts at 1
-    C [c, H, N/2, 2]      complex normal; c = 2 if bidirectional else 1
-    D [H]                 standard normal
+  Parameters (complex ones as real pairs [..., 2]; S = n_ssm, default H):
+    log_dt [H]          log-uniform in [dt_min, dt_max]; dt = exp(log_dt)
+    real part of A [S, N/2], named by `real_transform` (the stored value is the transform's
+      argument, initialised as the inverse transform of the `a_init` value):
+        "exp"       log_A_real        Re(A) = -exp(log_A_real)              < 0
+        "softplus"  A_real_softplus   Re(A) = -softplus(A_real_softplus)    < 0
+        "relu"      A_real_relu       Re(A) = -(relu(A_real_relu) + 1e-4)   <= -1e-4
+        "none"      A_real            Re(A) = A_real                        no guarantee: training
+                                      can reach Re(A) >= 0, where the kernel no longer decays
+    imaginary part of A [S, N/2], named by `imag_transform`:
+        "none"      A_imag            Im(A) = A_imag
+        "exp"       log_A_imag        Im(A) = exp(log_A_imag)               > 0
+        "softplus"  A_imag_softplus   Im(A) = softplus(A_imag_softplus)     > 0
+        "relu"      A_imag_relu       Im(A) = relu(A_imag_relu)             >= 0
+      Stability depends on Re(A) only; the positive transforms keep every kept mode on its side of
+      the real axis. Under exp/softplus an initial Im(A) = 0 (S4D-Lin's first mode) starts at 1e-4.
+    B [S, N/2, 2]       b_init "ones" (1), "hippo" (the LegS B in the eigenbasis, a_init="legs"
+                        only) or "auto" (hippo for legs, ones otherwise)
+    C [c, H, N/2, 2]    complex normal, E|C|^2 = 1; c = 2 if bidirectional else 1
+    D [H]               standard normal
+  Channel h uses SSM group h // (H / n_ssm) (contiguous blocks of channels).
   Bidirectional: the second C row gives an anti-causal kernel that shares A, B and dt with the
   causal one and sees strictly future inputs (as in the S4 repo):
     y_t = sum_{s<=t} K0[t-s] u_s + sum_{s>t} K1[s-t-1] u_s + D u_t.
 
   Modes of `__call__(x, *, segment_ids=None, cache=None) -> (y, cache)`:
-    cache=None, segment_ids=None: convolution mode, kernel + `fft_conv`.
-    cache=None, segment_ids given: the recurrence through `linear_scan` (complex64 state); a change
+    cache=None, segment_ids=None: convolution mode, `s4d_kernel` + `fft_conv`.
+    cache=None, segment_ids given: the recurrence through `linear_scan` (complex state); a change
       of segment id drops the state (a reverse scan for the bidirectional part, same resets).
+      The convolution cannot reset at document boundaries, hence this switch.
     cache given: streaming over the chunk, cache = {"state": complex64 [batch, H, N/2],
       "segment_id": int32 [batch]}; a chunk whose first id differs from the cached one starts
       from a zero state. Only for causal layers.
-  The SSM computes in float32 (complex64) whatever x's dtype; the output has x's dtype.
+  All three use the same discretisation (`discretization`: "zoh" or "bilinear").
+  The SSM computes in the parameters' precision, at least float32 (complex64 state), whatever
+  x's dtype; the output has x's dtype. The state keeps the cache's dtype.
 
-  Fields besides the shapes: a_init "lin" | "inv" (S4D-Lin / S4D-Inv; the field cannot be called
-  `init`, which is flax's Module.init), scan_impl (passed to `linear_scan`), kernel_chunk_size
-  (None, or the length chunk of `s4d_kernel` to bound memory for long sequences).
+  Other fields: a_init "lin" | "inv" | "legs" | "random" (see the module docstring; the field
+  cannot be called `init`, which is flax's Module.init), scan_impl (passed to `linear_scan`),
+  kernel_chunk_size (the length chunk of `s4d_kernel`; None picks one automatically above
+  KERNEL_CHUNK_ELEMENTS Vandermonde entries).
+
+  `ssm_param_names` lists every name the SSM-group parameters can take (log_dt, the four names of
+  each part of A, B); a given layer has log_dt, B and one name per part of A.
+  Inspection: `S4D(...).apply(variables, method="ssm")` -> (dt, A, B, C, D) and
+  `S4D(...).apply(variables, length, method="kernel")` -> K [c, length, H].
   """
 
   d_model: int
   d_state: int = 64
   # Not `init`: that name is flax.linen.Module.init.
   a_init: str = "lin"
+  b_init: str = "auto"
+  discretization: str = "zoh"
+  real_transform: str = "exp"
+  imag_transform: str = "none"
   dt_min: float = 1e-3
   dt_max: float = 1e-1
+  n_ssm: int | None = None
   bidirectional: bool = False
   dropout: float = 0.0
   deterministic: bool = True
@@ -176,17 +382,31 @@ class S4D(nn.Module):
   scan_impl: str = "auto"
   kernel_chunk_size: int | None = None
 
-  ssm_param_names = ("log_dt", "log_A_real", "A_imag", "B")
+  # Every name a parameter of the SSM group can have (which ones exist depends on the transforms).
+  ssm_param_names = ("log_dt",) + tuple(_REAL_NAMES.values()) + tuple(_IMAG_NAMES.values()) + (
+      "B",)
 
   def _check_fields(self) -> None:
     _check_d_state(self.d_state)
-    if self.a_init not in _A_INITS:
-      raise ValueError(f"S4D.a_init={self.a_init!r} is not one of {sorted(_A_INITS)}")
-    if self.activation not in _ACTIVATIONS:
-      raise ValueError(f"S4D.activation={self.activation!r} is not one of {sorted(_ACTIVATIONS)}")
+    for field, value, allowed in (("a_init", self.a_init, _A_INITS),
+                                  ("b_init", self.b_init, _B_INITS),
+                                  ("discretization", self.discretization, _DISCRETIZATIONS),
+                                  ("real_transform", self.real_transform, _TRANSFORMS),
+                                  ("imag_transform", self.imag_transform, _TRANSFORMS),
+                                  ("activation", self.activation, tuple(_ACTIVATIONS))):
+      if value not in allowed:
+        raise ValueError(f"S4D.{field}={value!r} is not one of {list(allowed)}")
+    if self.b_init == "hippo" and self.a_init != "legs":
+      raise ValueError(f"S4D.b_init='hippo' is the LegS B in the LegS eigenbasis and needs "
+                       f"a_init='legs', got a_init={self.a_init!r}")
     if not 0 < self.dt_min <= self.dt_max:
       raise ValueError(f"S4D needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, "
                        f"dt_max={self.dt_max}")
+    if self.n_ssm is not None and not (1 <= self.n_ssm and self.d_model % self.n_ssm == 0):
+      raise ValueError(f"S4D.n_ssm={self.n_ssm} must be a positive divisor of "
+                       f"d_model={self.d_model} (A and B are shared by d_model/n_ssm channels)")
+    if self.kernel_chunk_size is not None and self.kernel_chunk_size < 1:
+      raise ValueError(f"S4D.kernel_chunk_size={self.kernel_chunk_size} must be >= 1 or None")
 
   def init_cache(self, batch_size: int, dtype: Any = jnp.float32) -> dict[str, Array]:
     """Zero state; `dtype` is unused (the state is complex64 whatever the activation dtype)."""
@@ -202,21 +422,60 @@ class S4D(nn.Module):
       raise ValueError("S4D(bidirectional=True) cannot stream: streaming (cache=...) needs a "
                        "causal layer (bidirectional=False)")
 
-  def _ssm_params(self) -> tuple[Array, Array, Array, Array, Array]:
-    """dt [H], A [H, N/2], B [H, N/2], C [c, H, N/2] (complex64), D [H]."""
+  def _initial_A_B(self) -> tuple[np.ndarray | None, np.ndarray]:
+    """Initial A (complex128 [N/2]; None for 'random') and B (complex128 [N/2])."""
+    n2 = self.d_state // 2
+    b0 = np.ones(n2, np.complex128)
+    if self.a_init == "legs":
+      a0, b_legs = s4d_legs_init(self.d_state)
+      return a0, b_legs if self.b_init in ("auto", "hippo") else b0
+    if self.a_init == "random":
+      return None, b0
+    return _DETERMINISTIC_A_INITS[self.a_init](self.d_state), b0
+
+  def _create_params(self) -> None:
+    """Declares the parameters (see the class docstring for names, shapes and initialisers)."""
     h, n2 = self.d_model, self.d_state // 2
-    a_imag0 = np.imag(_A_INITS[self.a_init](self.d_state))
-    log_dt = self.param("log_dt", _log_uniform(self.dt_min, self.dt_max), (h,), jnp.float32)
-    log_a_real = self.param("log_A_real", nn.initializers.constant(math.log(0.5)), (h, n2),
-                            jnp.float32)
-    a_imag = self.param("A_imag", lambda _, s, d=jnp.float32: jnp.broadcast_to(
-        jnp.asarray(a_imag0, d), s), (h, n2), jnp.float32)
-    b = self.param("B", lambda _, s, d=jnp.float32: jnp.zeros(s, d).at[..., 0].set(1.0),
-                   (h, n2, 2), jnp.float32)
-    c = self.param("C", _complex_normal, (2 if self.bidirectional else 1, h, n2, 2), jnp.float32)
-    d = self.param("D", nn.initializers.normal(1.0), (h,), jnp.float32)
-    A = jax.lax.complex(-jnp.exp(log_a_real), a_imag)
-    return jnp.exp(log_dt), A, _as_complex(b), _as_complex(c), d
+    n_ssm = self.n_ssm or h
+    a0, b0 = self._initial_A_B()
+    rt, it = self.real_transform, self.imag_transform
+    self.param("log_dt", _log_uniform(self.dt_min, self.dt_max), (h,), jnp.float32)
+    # The real part of every init is -1/2 (LegS: Re(Lambda), -1/2 up to eigen-solver rounding).
+    a_real0 = np.full(n2, -0.5) if a0 is None else a0.real
+    self.param(_REAL_NAMES[rt], _constant(_real_to_param(rt, a_real0)), (n_ssm, n2), jnp.float32)
+    if a0 is None:
+      def imag_init(key, shape, dtype=jnp.float32):
+        a_imag = jnp.imag(s4d_random_init(key, self.d_state, shape[:-1], dtype))
+        return _imag_to_param(it, a_imag, jnp)
+    else:
+      imag_init = _constant(_imag_to_param(it, a0.imag))
+    self.param(_IMAG_NAMES[it], imag_init, (n_ssm, n2), jnp.float32)
+    self.param("B", _constant(_pairs(b0)), (n_ssm, n2, 2), jnp.float32)
+    self.param("C", _complex_normal, (2 if self.bidirectional else 1, h, n2, 2), jnp.float32)
+    self.param("D", nn.initializers.normal(1.0), (h,), jnp.float32)
+
+  def ssm(self) -> tuple[Array, Array, Array, Array, Array]:
+    """The SSM from the stored parameters: dt [H], A [H, N/2], B [H, N/2], C [c, H, N/2], D [H].
+
+    A, B, C complex; A and B expanded from the n_ssm groups to the H channels. Call through
+    `S4D(...).apply(variables, method="ssm")`.
+    """
+    p = self.variables["params"]
+    h = self.d_model
+    A = jax.lax.complex(_real_from_param(self.real_transform, p[_REAL_NAMES[self.real_transform]]),
+                        _transform(self.imag_transform, p[_IMAG_NAMES[self.imag_transform]]))
+    B = _as_complex(p["B"])
+    n_ssm = A.shape[0]
+    if n_ssm != h:
+      A, B = jnp.repeat(A, h // n_ssm, axis=0), jnp.repeat(B, h // n_ssm, axis=0)
+    return jnp.exp(p["log_dt"]), A, B, _as_complex(p["C"]), p["D"]
+
+  def kernel(self, length: int) -> Array:
+    """The convolution kernel K [c, length, H] of the stored parameters (`method="kernel"`)."""
+    self._check_fields()
+    dt, A, B, C, _ = self.ssm()
+    return s4d_kernel(dt, A, B, C, length, discretization=self.discretization,
+                      chunk_size=self.kernel_chunk_size)
 
   @nn.compact
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
@@ -228,12 +487,15 @@ class S4D(nn.Module):
     if cache is not None:
       self._check_streamable()
     batch, length, _ = x.shape
-    dt, A, B, C, D = self._ssm_params()
-    u = x.astype(jnp.float32)
+    self._create_params()
+    dt, A, B, C, D = self.ssm()
+    # float32 parameters compute in float32 whatever x's dtype; float64 ones in float64.
+    real_dtype = jnp.promote_types(dt.dtype, jnp.float32)
+    u = x.astype(real_dtype)
 
     new_cache = None
     if cache is None and segment_ids is None:
-      k = s4d_kernel(dt, A, B, C, length, chunk_size=self.kernel_chunk_size)  # [c, L, H]
+      k = self.kernel(length)  # [c, L, H]
       if self.bidirectional:
         # Offsets -(L-1)..-1 take K1[L-2]..K1[0]; offsets 0..L-1 take K0.
         k_full = jnp.concatenate([k[1, :length - 1][::-1], k[0]], axis=0)
@@ -241,16 +503,16 @@ class S4D(nn.Module):
       else:
         y = fft_conv(u, k[0], causal=True)
     else:
-      dA, dB = s4d_discretize(dt, A, B)  # [H, N/2]
+      dA, dB = s4d_discretize(dt, A, B, self.discretization)  # [H, N/2]
       a = dA[None, None]  # [1, 1, H, N/2], broadcast by the scan over batch and length
-      b = dB * u[..., None].astype(jnp.complex64)  # [batch, L, H, N/2]
+      b = dB * u[..., None].astype(dB.dtype)  # [batch, L, H, N/2]
       initial_state = None
       if cache is not None:
         if segment_ids is None:
           segment_ids = jnp.broadcast_to(cache["segment_id"][:, None], (batch, length))
         segment_ids = segment_ids.astype(jnp.int32)
         same_doc = (segment_ids[:, 0] == cache["segment_id"])[:, None, None]
-        initial_state = jnp.where(same_doc, cache["state"], 0).astype(jnp.complex64)
+        initial_state = jnp.where(same_doc, cache["state"], 0).astype(dB.dtype)
       hs, final = linear_scan(a, b, initial_state=initial_state, segment_ids=segment_ids,
                               impl=self.scan_impl)
       y = 2.0 * jnp.real(jnp.einsum("blhn,hn->blh", hs, C[0]))
@@ -264,7 +526,8 @@ class S4D(nn.Module):
         nxt = jnp.where(same[..., None, None], nxt, 0)
         y = y + 2.0 * jnp.real(jnp.einsum("blhn,hn->blh", nxt, C[1]))
       if cache is not None:
-        new_cache = {"state": final.astype(jnp.complex64), "segment_id": segment_ids[:, -1]}
+        new_cache = {"state": final.astype(cache["state"].dtype),
+                     "segment_id": segment_ids[:, -1]}
 
     y = y + D * u
     y = _ACTIVATIONS[self.activation](y)

@@ -75,3 +75,19 @@ def test_unknown_op_is_a_usage_error(capsys):
 def test_register_rejects_duplicates():
   with pytest.raises(ValueError, match="scan"):
     bench.register("scan", "again")(lambda args: [])
+
+
+def test_s4_family_ops(tmp_path):
+  out = tmp_path / "bench.json"
+  argv = ["--ops", "s4_kernels,s4_layers", "--lengths", "16", "--batch", "1", "--features", "4",
+          "--s4-state", "4", "--repeats", "1", "--warmup", "1", "--json", str(out)]
+  assert bench.main(argv) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert {(r["op"], r["impl"]) for r in rows} == {
+      ("s4_kernels", "s4_dplr"), ("s4_kernels", "s4d_vandermonde"),
+      ("s4_layers", "s4d"), ("s4_layers", "s4"), ("s4_layers", "s5")}
+  for r in rows:
+    assert r["ms"] > 0
+    reference = "s4_dplr" if r["op"] == "s4_kernels" else "s4d"
+    if r["impl"] == reference:
+      assert r["speedup"] == 1.0

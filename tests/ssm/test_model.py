@@ -56,4 +56,6 @@ def test_ssm_parameters_are_declared_by_the_mixer():
   names = model_lib.ssm_param_names(model.pattern)
   params = model.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"]
   leaf_names = {str(p[-1].key) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
-  assert "log_dt" in names and names <= leaf_names
+  # A mixer declares every name its options can create; this S4D (exp/none transforms) has these.
+  assert {"log_dt", "log_A_real", "A_imag", "B"} <= names & leaf_names
+  assert not names & {"kernel", "bias", "scale", "embedding", "D", "C"}
