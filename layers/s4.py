@@ -60,7 +60,7 @@ Shapes: x [batch, length, d_model]; complex parameters are stored as real pairs 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -68,8 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from layers import hippo
-from layers.long_conv import fft_conv
+from layers import hippo, ssm_layer
 
 Array = jax.Array
 
@@ -295,41 +294,9 @@ def dense_recurrence(Abar: Array, Bbar: Array, Cr: Array, u: Array, *,
 # --------------------------------------------------------------------------------------------
 # Module
 
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    # The S4 repository uses torch.nn.GELU, i.e. the exact erf form.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "identity": lambda x: x,
-}
 # Re(Lambda) = 0 for LegT / LagT / FouT; log(-Re) needs it strictly negative (as the S4 repo).
 _MAX_LAMBDA_RE = -1e-4
 
-
-def _log_uniform(lo: float, hi: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, math.log(lo), math.log(hi))
-  return init
-
-
-def _complex_normal(key, shape, dtype=jnp.float32):
-  """Real pairs [..., 2] of a complex normal with E|z|^2 = 1 (like torch.randn(cfloat))."""
-  return jax.random.normal(key, shape, dtype) * math.sqrt(0.5)
-
-
-def _constant(value: np.ndarray):
-  def init(_, shape, dtype=jnp.float32):
-    return jnp.broadcast_to(jnp.asarray(value, dtype), shape)
-  return init
-
-
-def _pairs(z: np.ndarray) -> np.ndarray:
-  return np.stack([z.real, z.imag], axis=-1)
-
-
-def _as_complex(p: Array) -> Array:
-  return jax.lax.complex(p[..., 0], p[..., 1])
 
 
 class S4(nn.Module):
@@ -404,8 +371,8 @@ class S4(nn.Module):
     if self.discretization not in _DISCRETIZATIONS:
       raise ValueError(f"S4.discretization={self.discretization!r} is not one of "
                        f"{list(_DISCRETIZATIONS)}")
-    if self.activation not in _ACTIVATIONS:
-      raise ValueError(f"S4.activation={self.activation!r} is not one of {sorted(_ACTIVATIONS)}")
+    if self.activation not in ssm_layer.ACTIVATIONS:
+      raise ValueError(f"S4.activation={self.activation!r} is not one of {sorted(ssm_layer.ACTIVATIONS)}")
     if not 0 < self.dt_min <= self.dt_max:
       raise ValueError(f"S4 needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, "
                        f"dt_max={self.dt_max}")
@@ -413,9 +380,7 @@ class S4(nn.Module):
       raise ValueError(f"S4.cauchy_chunk_size must be None or >= 1, got {self.cauchy_chunk_size}")
 
   def _check_streamable(self) -> None:
-    if self.bidirectional:
-      raise ValueError("S4(bidirectional=True) cannot stream: streaming (cache=...) needs a "
-                       "causal layer (bidirectional=False)")
+    ssm_layer.check_streamable("S4", self.bidirectional)
 
   def init_cache(self, batch_size: int, dtype: Any = jnp.float32) -> dict[str, Array]:
     """Zero state; `dtype` is unused (the state is float32 whatever the activation dtype)."""
@@ -430,22 +395,22 @@ class S4(nn.Module):
     groups = self.n_ssm or h
     lam0, p0, b0, _ = hippo.nplr(self.measure, n, self.rank)
     lam_re0 = np.minimum(lam0.real, _MAX_LAMBDA_RE)
-    log_dt = self.param("log_dt", _log_uniform(self.dt_min, self.dt_max), (h,), jnp.float32)
-    log_re = self.param("log_Lambda_re", _constant(np.log(-lam_re0)), (groups, n // 2),
+    log_dt = self.param("log_dt", ssm_layer.log_uniform(self.dt_min, self.dt_max), (h,), jnp.float32)
+    log_re = self.param("log_Lambda_re", ssm_layer.constant(np.log(-lam_re0)), (groups, n // 2),
                         jnp.float32)
-    im = self.param("Lambda_im", _constant(lam0.imag), (groups, n // 2), jnp.float32)
-    p = self.param("P", _constant(_pairs(p0)[:, None]), (self.rank, groups, n // 2, 2),
+    im = self.param("Lambda_im", ssm_layer.constant(lam0.imag), (groups, n // 2), jnp.float32)
+    p = self.param("P", ssm_layer.constant(ssm_layer.pairs(p0)[:, None]), (self.rank, groups, n // 2, 2),
                    jnp.float32)
-    b = self.param("B", _constant(_pairs(b0)), (groups, n // 2, 2), jnp.float32)
-    c = self.param("C", _complex_normal, (2 if self.bidirectional else 1, h, n // 2, 2),
+    b = self.param("B", ssm_layer.constant(ssm_layer.pairs(b0)), (groups, n // 2, 2), jnp.float32)
+    c = self.param("C", ssm_layer.complex_normal, (2 if self.bidirectional else 1, h, n // 2, 2),
                    jnp.float32)
     d = self.param("D", nn.initializers.normal(1.0), (h,), jnp.float32)
-    lam, p, b = jax.lax.complex(-jnp.exp(log_re), im), _as_complex(p), _as_complex(b)
+    lam, p, b = jax.lax.complex(-jnp.exp(log_re), im), ssm_layer.as_complex(p), ssm_layer.as_complex(b)
     if groups != h:
       rep = h // groups
       lam, p, b = (jnp.repeat(lam, rep, axis=0), jnp.repeat(p, rep, axis=1),
                    jnp.repeat(b, rep, axis=0))
-    return jnp.exp(log_dt), lam, p, b, _as_complex(c), d
+    return jnp.exp(log_dt), lam, p, b, ssm_layer.as_complex(c), d
 
   @nn.compact
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
@@ -470,23 +435,15 @@ class S4(nn.Module):
         k = s4_kernel_bilinear(dt, lam, p, b, c, length, chunk_size=self.cauchy_chunk_size)
       else:
         k = s4_kernel(dt, lam, p, b, c, length, discretization="zoh")
-      if self.bidirectional:
-        # Offsets -(L-1)..-1 take K1[L-2]..K1[0]; offsets 0..L-1 take K0.
-        k_full = jnp.concatenate([k[1, :length - 1][::-1], k[0]], axis=0)
-        y = fft_conv(u, k_full, causal=False)
-      else:
-        y = fft_conv(u, k[0], causal=True)
+      y = ssm_layer.convolve(u, k, bidirectional=self.bidirectional)
     else:
       A_r, B_r = dplr_real(lam, p, b)
       Abar, Bbar = discretize(dt, A_r, B_r, self.discretization)
       cr = c_real(c)
       initial_state = None
       if cache is not None:
-        if segment_ids is None:
-          segment_ids = jnp.broadcast_to(cache["segment_id"][:, None], (batch, length))
-        segment_ids = segment_ids.astype(jnp.int32)
-        same_doc = (segment_ids[:, 0] == cache["segment_id"])[:, None, None]
-        initial_state = jnp.where(same_doc, cache["state"], 0)
+        segment_ids, same_doc = ssm_layer.stream_start(cache, segment_ids, (batch, length))
+        initial_state = jnp.where(same_doc[:, None, None], cache["state"], 0)
       y, final = dense_recurrence(Abar, Bbar, cr[0], u, initial_state=initial_state,
                                   segment_ids=segment_ids)
       if self.bidirectional:
@@ -495,9 +452,6 @@ class S4(nn.Module):
       if cache is not None:
         new_cache = {"state": final.astype(jnp.float32), "segment_id": segment_ids[:, -1]}
 
-    y = y + d * u
-    y = _ACTIVATIONS[self.activation](y)
-    y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
-    z = nn.Dense(2 * self.d_model, dtype=x.dtype, name="out_proj")(y.astype(x.dtype))
-    out = z[..., :self.d_model] * jax.nn.sigmoid(z[..., self.d_model:])
-    return out.astype(x.dtype), new_cache
+    out = ssm_layer.output_stage(y, u, d, x.dtype, activation=self.activation,
+                                 dropout=self.dropout, deterministic=self.deterministic)
+    return out, new_cache

@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers import hippo
-from layers.long_conv import fft_conv
+from layers import hippo, ssm_layer
 from layers.scan import linear_scan
 
 Array = jax.Array
@@ -272,42 +271,6 @@ def s4d_kernel(dt: Array, A: Array, B: Array, C: Array, length: int, *,
 # --------------------------------------------------------------------------------------------
 # Module
 
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    # The S4 repository uses torch.nn.GELU, i.e. the exact erf form.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "identity": lambda x: x,
-}
-
-
-def _log_uniform(lo: float, hi: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, math.log(lo), math.log(hi))
-  return init
-
-
-def _complex_normal(key, shape, dtype=jnp.float32):
-  """Real pairs [..., 2] of a complex normal with E|z|^2 = 1 (like torch.randn(cfloat))."""
-  return jax.random.normal(key, shape, dtype) * math.sqrt(0.5)
-
-
-def _constant(value: np.ndarray):
-  """Initialiser broadcasting a fixed (float64, cast to the parameter dtype) array."""
-  def init(key, shape, dtype=jnp.float32):
-    del key
-    return jnp.broadcast_to(jnp.asarray(value, dtype), shape)
-  return init
-
-
-def _as_complex(p: Array) -> Array:
-  return jax.lax.complex(p[..., 0], p[..., 1])
-
-
-def _pairs(z: np.ndarray) -> np.ndarray:
-  return np.stack([z.real, z.imag], axis=-1)
-
 
 class S4D(nn.Module):
   """The S4D layer: y = out_proj(dropout(act(ssm(x) + D * x))), out_proj = Dense(2 d_model) + GLU.
@@ -393,7 +356,7 @@ class S4D(nn.Module):
                                   ("discretization", self.discretization, _DISCRETIZATIONS),
                                   ("real_transform", self.real_transform, _TRANSFORMS),
                                   ("imag_transform", self.imag_transform, _TRANSFORMS),
-                                  ("activation", self.activation, tuple(_ACTIVATIONS))):
+                                  ("activation", self.activation, tuple(ssm_layer.ACTIVATIONS))):
       if value not in allowed:
         raise ValueError(f"S4D.{field}={value!r} is not one of {list(allowed)}")
     if self.b_init == "hippo" and self.a_init != "legs":
@@ -418,9 +381,7 @@ class S4D(nn.Module):
     }
 
   def _check_streamable(self) -> None:
-    if self.bidirectional:
-      raise ValueError("S4D(bidirectional=True) cannot stream: streaming (cache=...) needs a "
-                       "causal layer (bidirectional=False)")
+    ssm_layer.check_streamable("S4D", self.bidirectional)
 
   def _initial_A_B(self) -> tuple[np.ndarray | None, np.ndarray]:
     """Initial A (complex128 [N/2]; None for 'random') and B (complex128 [N/2])."""
@@ -439,19 +400,19 @@ class S4D(nn.Module):
     n_ssm = self.n_ssm or h
     a0, b0 = self._initial_A_B()
     rt, it = self.real_transform, self.imag_transform
-    self.param("log_dt", _log_uniform(self.dt_min, self.dt_max), (h,), jnp.float32)
+    self.param("log_dt", ssm_layer.log_uniform(self.dt_min, self.dt_max), (h,), jnp.float32)
     # The real part of every init is -1/2 (LegS: Re(Lambda), -1/2 up to eigen-solver rounding).
     a_real0 = np.full(n2, -0.5) if a0 is None else a0.real
-    self.param(_REAL_NAMES[rt], _constant(_real_to_param(rt, a_real0)), (n_ssm, n2), jnp.float32)
+    self.param(_REAL_NAMES[rt], ssm_layer.constant(_real_to_param(rt, a_real0)), (n_ssm, n2), jnp.float32)
     if a0 is None:
       def imag_init(key, shape, dtype=jnp.float32):
         a_imag = jnp.imag(s4d_random_init(key, self.d_state, shape[:-1], dtype))
         return _imag_to_param(it, a_imag, jnp)
     else:
-      imag_init = _constant(_imag_to_param(it, a0.imag))
+      imag_init = ssm_layer.constant(_imag_to_param(it, a0.imag))
     self.param(_IMAG_NAMES[it], imag_init, (n_ssm, n2), jnp.float32)
-    self.param("B", _constant(_pairs(b0)), (n_ssm, n2, 2), jnp.float32)
-    self.param("C", _complex_normal, (2 if self.bidirectional else 1, h, n2, 2), jnp.float32)
+    self.param("B", ssm_layer.constant(ssm_layer.pairs(b0)), (n_ssm, n2, 2), jnp.float32)
+    self.param("C", ssm_layer.complex_normal, (2 if self.bidirectional else 1, h, n2, 2), jnp.float32)
     self.param("D", nn.initializers.normal(1.0), (h,), jnp.float32)
 
   def ssm(self) -> tuple[Array, Array, Array, Array, Array]:
@@ -464,11 +425,11 @@ class S4D(nn.Module):
     h = self.d_model
     A = jax.lax.complex(_real_from_param(self.real_transform, p[_REAL_NAMES[self.real_transform]]),
                         _transform(self.imag_transform, p[_IMAG_NAMES[self.imag_transform]]))
-    B = _as_complex(p["B"])
+    B = ssm_layer.as_complex(p["B"])
     n_ssm = A.shape[0]
     if n_ssm != h:
       A, B = jnp.repeat(A, h // n_ssm, axis=0), jnp.repeat(B, h // n_ssm, axis=0)
-    return jnp.exp(p["log_dt"]), A, B, _as_complex(p["C"]), p["D"]
+    return jnp.exp(p["log_dt"]), A, B, ssm_layer.as_complex(p["C"]), p["D"]
 
   def kernel(self, length: int) -> Array:
     """The convolution kernel K [c, length, H] of the stored parameters (`method="kernel"`)."""
@@ -495,24 +456,15 @@ class S4D(nn.Module):
 
     new_cache = None
     if cache is None and segment_ids is None:
-      k = self.kernel(length)  # [c, L, H]
-      if self.bidirectional:
-        # Offsets -(L-1)..-1 take K1[L-2]..K1[0]; offsets 0..L-1 take K0.
-        k_full = jnp.concatenate([k[1, :length - 1][::-1], k[0]], axis=0)
-        y = fft_conv(u, k_full, causal=False)
-      else:
-        y = fft_conv(u, k[0], causal=True)
+      y = ssm_layer.convolve(u, self.kernel(length), bidirectional=self.bidirectional)
     else:
       dA, dB = s4d_discretize(dt, A, B, self.discretization)  # [H, N/2]
       a = dA[None, None]  # [1, 1, H, N/2], broadcast by the scan over batch and length
       b = dB * u[..., None].astype(dB.dtype)  # [batch, L, H, N/2]
       initial_state = None
       if cache is not None:
-        if segment_ids is None:
-          segment_ids = jnp.broadcast_to(cache["segment_id"][:, None], (batch, length))
-        segment_ids = segment_ids.astype(jnp.int32)
-        same_doc = (segment_ids[:, 0] == cache["segment_id"])[:, None, None]
-        initial_state = jnp.where(same_doc, cache["state"], 0).astype(dB.dtype)
+        segment_ids, same_doc = ssm_layer.stream_start(cache, segment_ids, (batch, length))
+        initial_state = jnp.where(same_doc[:, None, None], cache["state"], 0).astype(dB.dtype)
       hs, final = linear_scan(a, b, initial_state=initial_state, segment_ids=segment_ids,
                               impl=self.scan_impl)
       y = 2.0 * jnp.real(jnp.einsum("blhn,hn->blh", hs, C[0]))
@@ -529,9 +481,6 @@ class S4D(nn.Module):
         new_cache = {"state": final.astype(cache["state"].dtype),
                      "segment_id": segment_ids[:, -1]}
 
-    y = y + D * u
-    y = _ACTIVATIONS[self.activation](y)
-    y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
-    z = nn.Dense(2 * self.d_model, dtype=x.dtype, name="out_proj")(y.astype(x.dtype))
-    out = z[..., :self.d_model] * jax.nn.sigmoid(z[..., self.d_model:])
-    return out.astype(x.dtype), new_cache
+    out = ssm_layer.output_stage(y, u, D, x.dtype, activation=self.activation,
+                                 dropout=self.dropout, deterministic=self.deterministic)
+    return out, new_cache

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from layers import ssm_layer
 from layers.hippo import nplr
 from layers.scan import linear_scan
 
@@ -198,15 +199,6 @@ def s5_ssm(u: Array, Lambda_bar: Array, B_bar: Array, C: Array, *, conj_sym: boo
 # --------------------------------------------------------------------------------------------
 # Module
 
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    # The S5 code uses flax's nn.gelu (tanh approximation); the exact erf form is kept here to
-    # match layers/s4d.py (the S4 repository's torch.nn.GELU), so the family shares one layer shape.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "identity": lambda x: x,
-}
 
 # jax.nn.initializers' truncated normal is cut at +-2 standard deviations; dividing by this
 # constant (the std of a unit normal truncated there) restores unit variance.
@@ -216,21 +208,6 @@ _TRUNC_STD = 0.87962566103423978
 def _truncated_normal(key: Array, shape: tuple[int, ...], variance: float) -> Array:
   z = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
   return z * (math.sqrt(variance) / _TRUNC_STD)
-
-
-def _log_uniform(lo: float, hi: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, math.log(lo), math.log(hi))
-  return init
-
-
-def _pairs(z: Array) -> Array:
-  """complex [...] -> real pairs [..., 2] in float32."""
-  return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(jnp.float32)
-
-
-def _as_complex(p: Array) -> Array:
-  return jax.lax.complex(p[..., 0], p[..., 1])
 
 
 class S5(nn.Module):
@@ -304,8 +281,8 @@ class S5(nn.Module):
     if self.discretization not in DISCRETIZATIONS:
       raise ValueError(f"S5.discretization={self.discretization!r} is not one of "
                        f"{DISCRETIZATIONS}")
-    if self.activation not in _ACTIVATIONS:
-      raise ValueError(f"S5.activation={self.activation!r} is not one of {sorted(_ACTIVATIONS)}")
+    if self.activation not in ssm_layer.ACTIVATIONS:
+      raise ValueError(f"S5.activation={self.activation!r} is not one of {sorted(ssm_layer.ACTIVATIONS)}")
     if not 0 < self.dt_min <= self.dt_max:
       raise ValueError(f"S5 needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, "
                        f"dt_max={self.dt_max}")
@@ -313,9 +290,7 @@ class S5(nn.Module):
       raise ValueError(f"S5.step_rescale must be > 0, got {self.step_rescale}")
 
   def _check_streamable(self) -> None:
-    if self.bidirectional:
-      raise ValueError("S5(bidirectional=True) cannot stream: streaming (cache=...) needs a "
-                       "causal layer (bidirectional=False)")
+    ssm_layer.check_streamable("S5", self.bidirectional)
 
   def init_cache(self, batch_size: int, dtype: Any = jnp.float32) -> dict[str, Array]:
     """Zero state; `dtype` is unused (the state is complex64 whatever the activation dtype)."""
@@ -337,7 +312,7 @@ class S5(nn.Module):
 
     def b_init(key, shape):
       b0 = _truncated_normal(key, (p_full, h), 1.0 / p_full)
-      return _pairs(jnp.asarray(v_inv) @ b0)
+      return ssm_layer.pairs(jnp.asarray(v_inv) @ b0)
 
     c_rows = 2 if self.bidirectional else 1
 
@@ -345,17 +320,17 @@ class S5(nn.Module):
       if self.c_init == "complex_normal":
         return jax.random.normal(key, shape, jnp.float32) * math.sqrt(0.5)
       variance = 1.0 / p_full if self.c_init == "trunc_standard_normal" else 1.0 / (p_full * h)
-      c0 = _as_complex(_truncated_normal(key, (c_rows, h, p_full, 2), variance))
-      return _pairs(c0 @ jnp.asarray(v, c0.dtype))
+      c0 = ssm_layer.as_complex(_truncated_normal(key, (c_rows, h, p_full, 2), variance))
+      return ssm_layer.pairs(c0 @ jnp.asarray(v, c0.dtype))
 
     b = self.param("B", b_init, (p, h, 2))
     c = self.param("C", c_init, (c_rows, h, p, 2))
     d = self.param("D", nn.initializers.normal(1.0), (h,), jnp.float32)
-    log_dt = self.param("log_dt", _log_uniform(self.dt_min, self.dt_max), (p,), jnp.float32)
+    log_dt = self.param("log_dt", ssm_layer.log_uniform(self.dt_min, self.dt_max), (p,), jnp.float32)
     if self.clip_eigs:
       lambda_re = jnp.minimum(lambda_re, MAX_EIG_REAL)
     lam = jax.lax.complex(lambda_re, lambda_im)
-    return lam, _as_complex(b), _as_complex(c), self.step_rescale * jnp.exp(log_dt), d
+    return lam, ssm_layer.as_complex(b), ssm_layer.as_complex(c), self.step_rescale * jnp.exp(log_dt), d
 
   @nn.compact
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
@@ -373,20 +348,14 @@ class S5(nn.Module):
 
     initial_state = None
     if cache is not None:
-      if segment_ids is None:
-        segment_ids = jnp.broadcast_to(cache["segment_id"][:, None], (batch, length))
-      segment_ids = segment_ids.astype(jnp.int32)
-      same_doc = (segment_ids[:, 0] == cache["segment_id"])[:, None]
-      initial_state = jnp.where(same_doc, cache["state"], 0).astype(jnp.complex64)
+      segment_ids, same_doc = ssm_layer.stream_start(cache, segment_ids, (batch, length))
+      initial_state = jnp.where(same_doc[:, None], cache["state"], 0).astype(jnp.complex64)
     y, final = s5_ssm(u, lambda_bar, b_bar, c, conj_sym=self.conj_sym,
                       initial_state=initial_state, segment_ids=segment_ids, impl=self.scan_impl)
     new_cache = None
     if cache is not None:
       new_cache = {"state": final.astype(jnp.complex64), "segment_id": segment_ids[:, -1]}
 
-    y = y + d.astype(u.dtype) * u
-    y = _ACTIVATIONS[self.activation](y)
-    y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
-    z = nn.Dense(2 * self.d_model, dtype=x.dtype, name="out_proj")(y.astype(x.dtype))
-    out = z[..., :self.d_model] * jax.nn.sigmoid(z[..., self.d_model:])
-    return out.astype(x.dtype), new_cache
+    out = ssm_layer.output_stage(y, u, d, x.dtype, activation=self.activation,
+                                 dropout=self.dropout, deterministic=self.deterministic)
+    return out, new_cache

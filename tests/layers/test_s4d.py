@@ -289,7 +289,9 @@ def test_kernel_memory_is_bounded_at_long_length():
 
   assert temp_bytes(fwd(None)) < full / 8
   assert temp_bytes(grad(None)) < full / 4
-  assert temp_bytes(fwd(length)) >= full  # the unchunked form does hold it
+  # The control: unchunked, the compiled kernel does hold a Vandermonde-sized buffer (the whole
+  # 1 GiB on CPU; the H200 fuses half of it away, 0.55 GiB), far above the bounds asserted above.
+  assert temp_bytes(fwd(length)) >= full / 2
 
 
 # ----------------------------------------------------------------------------- module kernels
@@ -337,8 +339,10 @@ def test_module_kernel_matches_dense_reference_up_to_4096(opts):
   errors = module_kernel_errors(opts)
   assert max(errors["float64"]) < 1e-8, errors
   # float32: the exponent l * log dA carries ~l |dt A| * 6e-8 absolute error (phase drift);
-  # the decay exp(-l dt/2) bounds its weight in the norm.
-  assert max(errors["float32"]) < 1e-5, errors
+  # the decay exp(-l dt/2) bounds its weight in the norm. Measured worst case 5.9e-6 on CPU;
+  # on an H200 (jax 0.11.2, less exact float32 sin/cos/exp) LegS + bilinear reached 1.5e-5.
+  tol = 1e-5 if jax.default_backend() == "cpu" else 2e-5
+  assert max(errors["float32"]) < tol, errors
 
 
 # ----------------------------------------------------------------------------- module helpers

@@ -17,7 +17,6 @@ import pytest
 from ssm import train as train_lib
 from ssm.data import tasks
 
-from tests.ssm.conftest import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
