@@ -12,10 +12,13 @@ from ssm import config as config_lib
 from ssm import model as model_lib
 
 
-def _model(pool="mean", task="classify", bidirectional=True, prenorm=False, input_="tokens"):
+def _model(pool="mean", task="classify", bidirectional=True, prenorm=False, input_="tokens",
+           pattern="s4d"):
+  names = pattern.split(",")
   cfg = config_lib.build(model=dict(
-      task=task, input=input_, d_model=16, n_layers=2, pattern="s4d", pool=pool, prenorm=prenorm,
-      mlp_ratio=2, mixers=dict(s4d=dict(d_state=8, bidirectional=bidirectional))))
+      task=task, input=input_, d_model=16, n_layers=2 * len(names), pattern=pattern, pool=pool,
+      prenorm=prenorm, mlp_ratio=2,
+      mixers={name: dict(d_state=8, bidirectional=bidirectional) for name in names}))
   config_lib.validate(cfg)
   return model_lib.build_model(cfg.model, num_outputs=7, vocab_size=12 if input_ == "tokens" else 0)
 
@@ -24,10 +27,11 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize("pool", ["mean", "last"])
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_classifier_ignores_padding(pool, bidirectional):
-  model = _model(pool=pool, bidirectional=bidirectional)
+@pytest.mark.parametrize("pool, bidirectional, pattern", [
+    ("mean", False, "s4d"), ("mean", True, "s4d"), ("last", False, "s4d"), ("last", True, "s4d"),
+    ("mean", True, "s4,s4d,s5"), ("last", False, "s4,s4d,s5")])
+def test_classifier_ignores_padding(pool, bidirectional, pattern):
+  model = _model(pool=pool, bidirectional=bidirectional, pattern=pattern)
   rng = np.random.default_rng(0)
   lengths = np.array([9, 17])
   tokens = rng.integers(1, 12, size=(2, 24)).astype(np.int32)
