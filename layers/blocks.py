@@ -267,6 +267,8 @@ def get_mixer(name: str) -> type[nn.Module]:
 register_mixer("s4d", "layers.s4d:S4D")
 register_mixer("s4", "layers.s4:S4")
 register_mixer("s5", "layers.s5:S5")
+register_mixer("mamba", "layers.mamba:Mamba")
+register_mixer("mamba2", "layers.mamba2:Mamba2")
 
 
 # --------------------------------------------------------------------------------------------

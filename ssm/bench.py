@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from layers import hippo
+from layers import mamba as mamba_lib
+from layers import mamba2 as mamba2_lib
 from layers import s4 as s4_lib
 from layers import s4d as s4d_lib
 from layers import s5 as s5_lib
@@ -239,6 +241,69 @@ def bench_s4_layers(args: argparse.Namespace) -> list[Row]:
     rows += compare("s4_layers", impls, (variables, x, g), settings=args, reference="s4d",
                     bytes_moved=(4 if args.grad else 2) * nbytes, shape="x".join(map(str, shape)),
                     dtype=x.dtype.name, mode="fwd+bwd" if args.grad else "fwd")
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# ops "selective_scan" (Mamba-1) and "ssd" (Mamba-2): xla against the token-by-token reference.
+
+def _mamba_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--mamba-state", type=int, default=16,
+                      help="state size N of selective_scan (default 16; ssd uses 4N)")
+  parser.add_argument("--ssd-head-dim", type=int, default=64, help="ssd head dim P (default 64)")
+
+
+def _fwd_or_grad(fn: Callable[..., Any], args: argparse.Namespace) -> Callable[..., Any]:
+  """fn(*inputs) -> y; forward only, or y's VJP with respect to every input under --grad."""
+  if not args.grad:
+    return fn
+  def fwd_bwd(*inputs):
+    y, pullback = jax.vjp(fn, *inputs)
+    return pullback(jnp.ones_like(y))
+  return fwd_bwd
+
+
+@register("selective_scan", "Mamba-1 selective scan, u/delta [batch, L, D], B/C [batch, L, N]",
+          _mamba_arguments)
+def bench_selective_scan(args: argparse.Namespace) -> list[Row]:
+  dtype, d, n = jnp.dtype(args.dtype), args.features, args.mamba_state
+  rows = []
+  for length in args.lengths:
+    ks = jax.random.split(jax.random.key(length), 5)
+    u = jax.random.normal(ks[0], (args.batch, length, d), dtype)
+    delta = jax.random.normal(ks[1], (args.batch, length, d), dtype)
+    bc = jax.random.normal(ks[2], (2, args.batch, length, n), dtype)
+    a = -jnp.exp(jax.random.normal(ks[3], (d, n)))
+    impls = {name: _fwd_or_grad(lambda u, delta, a, b, c, name=name: mamba_lib.selective_scan(
+        u, delta, a, b, c, delta_softplus=True, impl=name)[0], args)
+             for name in mamba_lib.IMPLEMENTATIONS}
+    nbytes = u.size * dtype.itemsize
+    rows += compare("selective_scan", impls, (u, delta, a, bc[0], bc[1]), settings=args,
+                    bytes_moved=(5 if args.grad else 3) * nbytes,  # u, delta (, dy) in; y (, du, dd) out
+                    shape=f"{args.batch}x{length}x{d} N={n}", dtype=dtype.name,
+                    mode="fwd+bwd" if args.grad else "fwd")
+  return rows
+
+
+@register("ssd", "Mamba-2 SSD, x [batch, L, H, P] with H = features / P, B/C [batch, L, 1, 4N]",
+          None)
+def bench_ssd(args: argparse.Namespace) -> list[Row]:
+  dtype, p, n = jnp.dtype(args.dtype), args.ssd_head_dim, 4 * args.mamba_state
+  h = max(args.features // p, 1)
+  rows = []
+  for length in args.lengths:
+    ks = jax.random.split(jax.random.key(length), 4)
+    x = jax.random.normal(ks[0], (args.batch, length, h, p), dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (args.batch, length, h), dtype) - 3.0)
+    bc = jax.random.normal(ks[2], (2, args.batch, length, 1, n), dtype)
+    a = -jnp.exp(jax.random.uniform(ks[3], (h,), minval=0.0, maxval=2.7))
+    impls = {name: _fwd_or_grad(lambda x, dt, a, b, c, name=name: mamba2_lib.ssd(
+        x, dt, a, b, c, impl=name)[0], args) for name in mamba2_lib.IMPLEMENTATIONS}
+    nbytes = x.size * dtype.itemsize
+    rows += compare("ssd", impls, (x, dt, a, bc[0], bc[1]), settings=args,
+                    bytes_moved=(4 if args.grad else 2) * nbytes,  # x (, dy) in; y (, dx) out
+                    shape=f"{args.batch}x{length}x{h}x{p} N={n}", dtype=dtype.name,
+                    mode="fwd+bwd" if args.grad else "fwd")
   return rows
 
 

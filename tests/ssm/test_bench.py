@@ -91,3 +91,18 @@ def test_s4_family_ops(tmp_path):
     reference = "s4_dplr" if r["op"] == "s4_kernels" else "s4d"
     if r["impl"] == reference:
       assert r["speedup"] == 1.0
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_mamba_ops(tmp_path, grad):
+  out = tmp_path / "bench.json"
+  argv = ["--ops", "selective_scan,ssd", "--lengths", "10", "--batch", "1", "--features", "8",
+          "--mamba-state", "2", "--ssd-head-dim", "4", "--repeats", "1", "--warmup", "1",
+          "--json", str(out)] + (["--grad"] if grad else [])
+  assert bench.main(argv) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert {(r["op"], r["impl"]) for r in rows} == {
+      (op, impl) for op in ("selective_scan", "ssd") for impl in ("reference", "xla")}
+  for r in rows:
+    assert r["ms"] > 0 and r["mode"] == ("fwd+bwd" if grad else "fwd")
+    assert r["speedup"] == 1.0 if r["impl"] == "reference" else r["speedup"] > 0

@@ -12,13 +12,18 @@ from ssm import config as config_lib
 from ssm import model as model_lib
 
 
+# Causal-only mixers, sized for d_model 16.
+MIXER_KWARGS = {"mamba": dict(d_state=4), "mamba2": dict(d_state=8, headdim=8, chunk_size=8)}
+
+
 def _model(pool="mean", task="classify", bidirectional=True, prenorm=False, input_="tokens",
            pattern="s4d"):
   names = pattern.split(",")
   cfg = config_lib.build(model=dict(
       task=task, input=input_, d_model=16, n_layers=2 * len(names), pattern=pattern, pool=pool,
       prenorm=prenorm, mlp_ratio=2,
-      mixers={name: dict(d_state=8, bidirectional=bidirectional) for name in names}))
+      mixers={name: MIXER_KWARGS.get(name, dict(d_state=8, bidirectional=bidirectional))
+              for name in names}))
   config_lib.validate(cfg)
   return model_lib.build_model(cfg.model, num_outputs=7, vocab_size=12 if input_ == "tokens" else 0)
 
@@ -29,7 +34,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("pool, bidirectional, pattern", [
     ("mean", False, "s4d"), ("mean", True, "s4d"), ("last", False, "s4d"), ("last", True, "s4d"),
-    ("mean", True, "s4,s4d,s5"), ("last", False, "s4,s4d,s5")])
+    ("mean", True, "s4,s4d,s5"), ("last", False, "s4,s4d,s5"), ("mean", False, "mamba,mamba2")])
 def test_classifier_ignores_padding(pool, bidirectional, pattern):
   model = _model(pool=pool, bidirectional=bidirectional, pattern=pattern)
   rng = np.random.default_rng(0)
