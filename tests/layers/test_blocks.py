@@ -15,13 +15,7 @@ from layers import blocks
 from layers.blocks import (GatedMLP, LayerNorm, ResidualBlock, RMSNorm, ShortConv, apply_rope,
                            get_mixer, mixer_names, register_mixer)
 from layers.s4d import S4D
-
-
-def rel(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert np.isfinite(err), "NaN/Inf in output"
-  return float(err)
+from tests.numerics import rel
 
 
 def randn(seed, shape, scale=1.0):

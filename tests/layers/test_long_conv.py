@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from layers.long_conv import fft_conv
+from tests.numerics import rel
 
 # jit: one compilation per shape instead of one per eager op (the CPU is shared).
 conv = jax.jit(fft_conv, static_argnames="causal")
-
-
-def rel(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert np.isfinite(err), "NaN/Inf in output"
-  return float(err)
 
 
 def direct_causal(u, k):

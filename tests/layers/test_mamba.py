@@ -10,13 +10,7 @@ import numpy as np
 import pytest
 
 from layers.mamba import Mamba, selective_scan
-
-
-def rel(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert np.isfinite(err), "NaN/Inf in output"
-  return float(err)
+from tests.numerics import rel
 
 
 def scan_inputs(seed, batch, length, channels, state, layout, dtype=jnp.float32):

@@ -13,16 +13,10 @@ import pytest
 
 from layers.mamba2 import Mamba2
 from layers.mamba2 import ssd as ssd_eager
+from tests.numerics import rel
 
 # Jitted once per shape: eager op-by-op dispatch would dominate the test time on CPU.
 ssd = jax.jit(ssd_eager, static_argnames=("chunk_size", "impl"))
-
-
-def rel(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert np.isfinite(err), "NaN/Inf in output"
-  return float(err)
 
 
 def random_inputs(seed, batch=2, length=37, heads=4, head_dim=3, groups=2, d_state=5,

@@ -13,15 +13,7 @@ from scipy.special import erf
 
 from layers import hippo
 from layers.s4 import S4, s4_kernel, s4_kernel_bilinear
-
-
-def rel(out, ref) -> float:
-  out, ref = np.asarray(out), np.asarray(ref)
-  dtype = np.complex128 if np.iscomplexobj(out) or np.iscomplexobj(ref) else np.float64
-  out, ref = out.astype(dtype), ref.astype(dtype)
-  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert np.isfinite(err), "NaN/Inf in output"
-  return float(err)
+from tests.numerics import rel
 
 
 def tree_rel(out, ref) -> float:

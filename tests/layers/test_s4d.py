@@ -15,15 +15,7 @@ import layers.s4d as s4d_lib
 from layers import hippo
 from layers.s4d import (S4D, default_kernel_chunk_size, s4d_discretize, s4d_inv_init,
                         s4d_kernel, s4d_legs_init, s4d_lin_init, s4d_random_init)
-
-
-def rel(out, ref) -> float:
-  out, ref = np.asarray(out), np.asarray(ref)
-  dtype = np.complex128 if np.iscomplexobj(out) or np.iscomplexobj(ref) else np.float64
-  out, ref = out.astype(dtype), ref.astype(dtype)
-  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert np.isfinite(err), "NaN/Inf in output"
-  return float(err)
+from tests.numerics import rel
 
 
 def tree_rel(out, ref) -> float:

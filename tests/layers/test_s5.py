@@ -14,15 +14,7 @@ from scipy.special import erf
 
 from layers.hippo import nplr
 from layers.s5 import MAX_EIG_REAL, S5, hippo_n_init, s5_discretize, s5_ssm
-
-
-def rel(out, ref) -> float:
-  out, ref = np.asarray(out), np.asarray(ref)
-  dtype = np.complex128 if np.iscomplexobj(out) or np.iscomplexobj(ref) else np.float64
-  out, ref = out.astype(dtype), ref.astype(dtype)
-  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert np.isfinite(err), "NaN/Inf in output"
-  return float(err)
+from tests.numerics import rel
 
 
 def to_f32(a: np.ndarray) -> np.ndarray:

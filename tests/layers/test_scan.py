@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from layers import scan
+from tests.numerics import rel as rel_err
 
 IMPLS = sorted(scan.IMPLEMENTATIONS)
 DTYPES = ["float32", "float64", "complex64", "complex128"]
@@ -83,12 +84,6 @@ def np_scan_grad(a, b, h0, segment_ids, reverse, g_h, g_final):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.
-
-def rel_err(x, ref) -> float:
-  x, ref = np.asarray(x, np.complex128), np.asarray(ref, np.complex128)
-  assert np.all(np.isfinite(x)), "NaN/Inf in output"
-  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
 
 def x64(dtype: str):
   return jax.enable_x64(True) if dtype in ("float64", "complex128") else contextlib.nullcontext()

@@ -4,12 +4,12 @@ and the SSM parameters are found for their optimizer group."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ssm import config as config_lib
 from ssm import model as model_lib
+from tests.numerics import rel
 
 
 # Causal-only mixers, sized for d_model 16.
@@ -28,10 +28,6 @@ def _model(pool="mean", task="classify", bidirectional=True, prenorm=False, inpu
   return model_lib.build_model(cfg.model, num_outputs=7, vocab_size=12 if input_ == "tokens" else 0)
 
 
-def _rel(a, b):
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-
-
 @pytest.mark.parametrize("pool, bidirectional, pattern", [
     ("mean", False, "s4d"), ("mean", True, "s4d"), ("last", False, "s4d"), ("last", True, "s4d"),
     ("mean", True, "s4,s4d,s5"), ("last", False, "s4,s4d,s5"), ("mean", False, "mamba,mamba2")])
@@ -47,7 +43,7 @@ def test_classifier_ignores_padding(pool, bidirectional, pattern):
   padded, _ = apply(params, tokens, mask=mask)
   for b, n in enumerate(lengths):
     alone, _ = apply(params, tokens[b:b + 1, :n], mask=np.ones((1, n), bool))
-    assert _rel(padded[b], alone[0]) < 1e-5
+    assert rel(padded[b], alone[0]) < 1e-5
 
 
 def test_lm_outputs_are_causal():

@@ -16,14 +16,10 @@ import pytest
 
 from ssm import train as train_lib
 from ssm.data import tasks
+from tests.numerics import rel
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def _trainer(config):
@@ -103,7 +99,7 @@ def test_optimizer_groups_learning_rates_and_decay(tiny):
     g = np.asarray(_get(grads, path), np.float64)
     lr, wd = {"ssm": (1e-4, 0.0), "decay": (1e-2, 0.5), "no_decay": (1e-2, 0.0)}[label]
     expected = p0 - lr * (g / (np.abs(g) + 1e-8) + wd * p0)
-    assert _rel(_get(after, path), expected) < 1e-4, (path, label)
+    assert rel(_get(after, path), expected) < 1e-4, (path, label)
     seen.add(label)
   assert seen == {"ssm", "decay", "no_decay"}
   leaf_names = {str(path[-1].key): label for path, label in jax.tree_util.tree_leaves_with_path(labels)}
