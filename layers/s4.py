@@ -416,9 +416,7 @@ class S4(nn.Module):
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
                cache: Mapping[str, Array] | None = None) -> tuple[Array, Any]:
     self._check_fields()
-    if x.ndim != 3 or x.shape[-1] != self.d_model:
-      raise ValueError(f"S4(d_model={self.d_model}) needs x [batch, length, {self.d_model}], "
-                       f"got {x.shape}")
+    ssm_layer.check_input("S4", self.d_model, x)
     if cache is not None:
       self._check_streamable()
     batch, length, _ = x.shape

@@ -73,6 +73,11 @@ def convolve(u: Array, k: Array, *, bidirectional: bool) -> Array:
   return fft_conv(u, jnp.concatenate([k[1, :length - 1][::-1], k[0]], axis=0), causal=False)
 
 
+def check_input(layer: str, d_model: int, x: Array) -> None:
+  if x.ndim != 3 or x.shape[-1] != d_model:
+    raise ValueError(f"{layer}(d_model={d_model}) needs x [batch, length, {d_model}], got {x.shape}")
+
+
 def check_streamable(layer: str, bidirectional: bool) -> None:
   if bidirectional:
     raise ValueError(f"{layer}(bidirectional=True) cannot stream: streaming (cache=...) needs a "

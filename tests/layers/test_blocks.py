@@ -15,6 +15,7 @@ from layers import blocks
 from layers.blocks import (GatedMLP, LayerNorm, ResidualBlock, RMSNorm, ShortConv, apply_rope,
                            get_mixer, mixer_names, register_mixer)
 from layers.s4d import S4D
+from tests.layers import mixer_testing
 from tests.numerics import rel
 
 
@@ -194,15 +195,7 @@ def japply(m, params, x, segment_ids=None, cache=None):
 
 
 def stream(m, params, x, sizes, segment_ids=None):
-  cache = m.init_cache(x.shape[0], x.dtype)
-  outs, start = [], 0
-  for size in sizes:
-    seg = None if segment_ids is None else segment_ids[:, start:start + size]
-    y, cache = japply(m, params, x[:, start:start + size], seg, cache)
-    outs.append(y)
-    start += size
-  assert start == x.shape[1]
-  return jnp.concatenate(outs, 1), cache
+  return mixer_testing.stream(japply, m, params, x, sizes, segment_ids)
 
 
 SEG = np.array([[1] * 5 + [2] * 2 + [3] * 7, [0] * 9 + [5] * 5], np.int32)  # doc of 2 < K-1 = 3

@@ -13,6 +13,7 @@ from scipy.special import erf
 
 from layers import hippo
 from layers.s4 import S4, s4_kernel, s4_kernel_bilinear
+from tests.layers import mixer_testing
 from tests.numerics import rel
 
 
@@ -288,18 +289,12 @@ def test_bad_fields_raise_clear_errors():
     S4(d_model=4).init(jax.random.key(0), jnp.ones((1, 4, 5)))
 
 
+def _check_cache(cache, x):
+  assert cache["state"].dtype == jnp.float32 and cache["state"].shape == (x.shape[0], H, NSTATE)
+
+
 def stream(m, params, x, sizes, segment_ids=None):
-  """Feed x through the cache in chunks of the given sizes; returns the concatenated outputs."""
-  cache = m.init_cache(x.shape[0], x.dtype)
-  outs, start = [], 0
-  for size in sizes:
-    seg = None if segment_ids is None else segment_ids[:, start:start + size]
-    y, cache = apply(m, params, x[:, start:start + size], seg, cache)
-    assert cache["state"].dtype == jnp.float32 and cache["state"].shape == (x.shape[0], H, NSTATE)
-    outs.append(y)
-    start += size
-  assert start == x.shape[1]
-  return jnp.concatenate(outs, axis=1), cache
+  return mixer_testing.stream(apply, m, params, x, sizes, segment_ids, check_cache=_check_cache)
 
 
 @pytest.mark.parametrize("disc", ["bilinear", "zoh"])

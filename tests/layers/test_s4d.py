@@ -15,6 +15,7 @@ import layers.s4d as s4d_lib
 from layers import hippo
 from layers.s4d import (S4D, default_kernel_chunk_size, s4d_discretize, s4d_inv_init,
                         s4d_kernel, s4d_legs_init, s4d_lin_init, s4d_random_init)
+from tests.layers import mixer_testing
 from tests.numerics import rel
 
 
@@ -548,18 +549,12 @@ def test_bad_fields_raise_clear_errors():
     S4D(d_model=3).init(jax.random.key(0), jnp.ones((1, 4, 5)))
 
 
+def _check_cache(cache, x):
+  assert cache["state"].dtype == jnp.complex64 and cache["state"].shape == (x.shape[0], H, 4)
+
+
 def stream(m, params, x, sizes, segment_ids=None):
-  """Feed x through the cache in chunks of the given sizes; returns the concatenated outputs."""
-  cache = m.init_cache(x.shape[0], x.dtype)
-  outs, start = [], 0
-  for size in sizes:
-    seg = None if segment_ids is None else segment_ids[:, start:start + size]
-    y, cache = apply(m, params, x[:, start:start + size], seg, cache)
-    assert cache["state"].dtype == jnp.complex64 and cache["state"].shape == (x.shape[0], H, 4)
-    outs.append(y)
-    start += size
-  assert start == x.shape[1]
-  return jnp.concatenate(outs, axis=1), cache
+  return mixer_testing.stream(apply, m, params, x, sizes, segment_ids, check_cache=_check_cache)
 
 
 def test_conv_equals_streaming_and_recurrent_modes():

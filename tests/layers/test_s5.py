@@ -14,6 +14,7 @@ from scipy.special import erf
 
 from layers.hippo import nplr
 from layers.s5 import MAX_EIG_REAL, S5, hippo_n_init, s5_discretize, s5_ssm
+from tests.layers import mixer_testing
 from tests.numerics import rel
 
 
@@ -323,18 +324,10 @@ def test_layer_matches_numpy_definition(kw):
 
 
 def stream(m, params, x, sizes, segment_ids=None):
-  """Feed x through the cache in chunks of the given sizes; returns the concatenated outputs."""
-  cache = m.init_cache(x.shape[0], x.dtype)
-  outs, start = [], 0
-  for size in sizes:
-    seg = None if segment_ids is None else segment_ids[:, start:start + size]
-    y, cache = apply(m, params, x[:, start:start + size], seg, cache)
+  def check_cache(cache, x):
     assert cache["state"].dtype == jnp.complex64
     assert cache["state"].shape == (x.shape[0], m.n_modes)
-    outs.append(y)
-    start += size
-  assert start == x.shape[1]
-  return jnp.concatenate(outs, axis=1), cache
+  return mixer_testing.stream(apply, m, params, x, sizes, segment_ids, check_cache=check_cache)
 
 
 def test_scan_equals_streaming_token_and_chunk():
