@@ -6,6 +6,7 @@ carries the median time, the speedup over the op's reference implementation meas
 run (reference_ms / ms, so the reference itself is exactly 1), and a roofline estimate: the
 compulsory bytes (inputs read once, outputs written once) over the memory bandwidth.
 
+The cases live one file per op family in the package `ssm.benchmarks`, which `load_cases` imports.
 Timing claims live here, in the printed table and the JSON file, never in tests.
 """
 
@@ -14,8 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
-import math
+import pkgutil
 import statistics
 import sys
 import time
@@ -24,14 +26,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from layers import hippo
-from layers import mamba as mamba_lib
-from layers import mamba2 as mamba2_lib
-from layers import s4 as s4_lib
-from layers import s4d as s4d_lib
-from layers import s5 as s5_lib
-from layers import scan as scan_lib
 
 Row = dict[str, Any]
 
@@ -139,122 +133,10 @@ def compare(op: str, impls: dict[str, Callable[..., Any]], args: Sequence[Any], 
 
 
 # ---------------------------------------------------------------------------------------------
-# op "scan": layers.scan, h_t = a_t * h_{t-1} + b_t.
+# Command line.
 
-def _scan_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--scan-chunk-sizes", type=_int_list, nargs="+", default=[],
-                      help="also time `chunked` at these chunk sizes (default: only the "
-                           "default chunk size)")
-
-
-@register("scan", "linear recurrence h_t = a_t*h_{t-1} + b_t, [batch, length, features]",
-          _scan_arguments)
-def bench_scan(args: argparse.Namespace) -> list[Row]:
-  """Rows for every implementation in `layers.scan.IMPLEMENTATIONS`, at every length."""
-  dtype = jnp.dtype(args.dtype)
-  impls: dict[str, Callable[..., Any]] = dict(scan_lib.IMPLEMENTATIONS)
-  for c in args.scan_chunk_sizes:
-    impls[f"chunked[c={c}]"] = lambda a, b, c=c: scan_lib.linear_scan_chunked(a, b, chunk_size=c)
-  rows = []
-  for length in args.lengths:
-    shape = (args.batch, length, args.features)
-    ka, kb, kg = jax.random.split(jax.random.key(length), 3)
-    a = jax.random.uniform(ka, shape, minval=0.5, maxval=1.0).astype(dtype)
-    b = jax.random.normal(kb, shape).astype(dtype)
-    nbytes = a.size * dtype.itemsize
-    if args.grad:
-      g = jax.random.normal(kg, shape).astype(dtype)
-      fns = {name: _vjp_of(fn) for name, fn in impls.items()}
-      call_args, bytes_moved, mode = (a, b, g), 5 * nbytes, "fwd+bwd"  # a, b, g in; da, db out
-    else:
-      fns = {name: (lambda a, b, fn=fn: fn(a, b)[0]) for name, fn in impls.items()}
-      call_args, bytes_moved, mode = (a, b), 3 * nbytes, "fwd"  # a, b in; h out
-    rows += compare("scan", fns, call_args, settings=args, bytes_moved=bytes_moved,
-                    shape="x".join(map(str, shape)), dtype=dtype.name, mode=mode)
-  return rows
-
-
-def _vjp_of(fn: Callable[..., Any]) -> Callable[..., Any]:
-  def fwd_bwd(a: jax.Array, b: jax.Array, g: jax.Array) -> Any:
-    _, pullback = jax.vjp(lambda a, b: fn(a, b)[0], a, b)
-    return pullback(g)
-  return fwd_bwd
-
-
-# ---------------------------------------------------------------------------------------------
-# ops "s4_kernels" and "s4_layers": the S4 family (layers.s4, layers.s4d, layers.s5).
-
-def _s4_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--s4-state", type=int, default=64,
-                      help="state size N of the S4-family ops (default 64)")
-
-
-@register("s4_kernels", "S4-family convolution kernels [L, H] generated from the parameters",
-          _s4_arguments)
-def bench_s4_kernels(args: argparse.Namespace) -> list[Row]:
-  """The DPLR kernel (Cauchy + Woodbury + FFT, HiPPO-LegS) against S4D's Vandermonde kernel with
-  the same diagonal part, H = --features channels, N = --s4-state. Reference: the DPLR kernel."""
-  h, n = args.features, args.s4_state
-  lam, p, b, _ = hippo.nplr("legs", n)  # [N/2], [1, N/2], [N/2]: shared by all H channels
-  lam, b = (jnp.asarray(np.broadcast_to(z, (h, n // 2)), jnp.complex64) for z in (lam, b))
-  p = jnp.asarray(np.broadcast_to(p[:, None], (p.shape[0], h, n // 2)), jnp.complex64)
-  kc, kd = jax.random.split(jax.random.key(0))
-  c = jax.lax.complex(*jax.random.normal(kc, (2, 1, h, n // 2)))
-  dt = jnp.exp(jax.random.uniform(kd, (h,), minval=math.log(1e-3), maxval=math.log(1e-1)))
-  rows = []
-  for length in args.lengths:
-    impls = {
-        "s4_dplr": lambda dt, lam, p, b, c, length=length: s4_lib.s4_kernel_bilinear(
-            dt, lam, p, b, c, length, chunk_size=512),
-        "s4d_vandermonde": lambda dt, lam, p, b, c, length=length: s4d_lib.s4d_kernel(
-            dt, lam, b, c, length),
-    }
-    rows += compare("s4_kernels", impls, (dt, lam, p, b, c), settings=args,
-                    bytes_moved=length * h * 4,
-                    reference="s4_dplr", shape=f"{length}x{h} N={n}", dtype="float32", mode="fwd")
-  return rows
-
-
-@register("s4_layers", "S4 / S4D / S5 layer forward (or fwd+bwd) on [batch, L, H]", None)
-def bench_s4_layers(args: argparse.Namespace) -> list[Row]:
-  """Whole layers in their parallel form (convolution for S4/S4D, scan for S5), N = --s4-state.
-  Reference: S4D."""
-  h, n = args.features, args.s4_state
-  modules = {"s4d": s4d_lib.S4D(d_model=h, d_state=n), "s4": s4_lib.S4(d_model=h, d_state=n),
-             "s5": s5_lib.S5(d_model=h, d_state=n)}
-  rows = []
-  for length in args.lengths:
-    shape = (args.batch, length, h)
-    kx, kg = jax.random.split(jax.random.key(length))
-    x = jax.random.normal(kx, shape, jnp.dtype(args.dtype))
-    g = jax.random.normal(kg, shape, jnp.dtype(args.dtype))
-    # Variables are arguments, not closed-over constants, so XLA cannot fold the kernels away.
-    variables = {name: jax.jit(m.init)(jax.random.key(1), x[:, :8]) for name, m in modules.items()}
-    impls = {}
-    for name, m in modules.items():
-      if args.grad:
-        impls[name] = lambda vs, x, g, m=m, name=name: jax.grad(
-            lambda v, x: jnp.vdot(m.apply(v, x)[0], g), argnums=(0, 1))(vs[name], x)
-      else:
-        impls[name] = lambda vs, x, g, m=m, name=name: m.apply(vs[name], x)[0]
-    nbytes = x.size * x.dtype.itemsize
-    rows += compare("s4_layers", impls, (variables, x, g), settings=args, reference="s4d",
-                    bytes_moved=(4 if args.grad else 2) * nbytes, shape="x".join(map(str, shape)),
-                    dtype=x.dtype.name, mode="fwd+bwd" if args.grad else "fwd")
-  return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# ops "selective_scan" (Mamba-1) and "ssd" (Mamba-2): xla against the token-by-token reference.
-
-def _mamba_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--mamba-state", type=int, default=16,
-                      help="state size N of selective_scan (default 16; ssd uses 4N)")
-  parser.add_argument("--ssd-head-dim", type=int, default=64, help="ssd head dim P (default 64)")
-
-
-def _fwd_or_grad(fn: Callable[..., Any], args: argparse.Namespace) -> Callable[..., Any]:
-  """fn(*inputs) -> y; forward only, or y's VJP with respect to every input under --grad."""
+def fwd_or_grad(fn: Callable[..., Any], args: argparse.Namespace) -> Callable[..., Any]:
+  """fn(*inputs) -> y; forward only, or y's VJP (cotangent of ones) for every input under --grad."""
   if not args.grad:
     return fn
   def fwd_bwd(*inputs):
@@ -263,54 +145,17 @@ def _fwd_or_grad(fn: Callable[..., Any], args: argparse.Namespace) -> Callable[.
   return fwd_bwd
 
 
-@register("selective_scan", "Mamba-1 selective scan, u/delta [batch, L, D], B/C [batch, L, N]",
-          _mamba_arguments)
-def bench_selective_scan(args: argparse.Namespace) -> list[Row]:
-  dtype, d, n = jnp.dtype(args.dtype), args.features, args.mamba_state
-  rows = []
-  for length in args.lengths:
-    ks = jax.random.split(jax.random.key(length), 5)
-    u = jax.random.normal(ks[0], (args.batch, length, d), dtype)
-    delta = jax.random.normal(ks[1], (args.batch, length, d), dtype)
-    bc = jax.random.normal(ks[2], (2, args.batch, length, n), dtype)
-    a = -jnp.exp(jax.random.normal(ks[3], (d, n)))
-    impls = {name: _fwd_or_grad(lambda u, delta, a, b, c, name=name: mamba_lib.selective_scan(
-        u, delta, a, b, c, delta_softplus=True, impl=name)[0], args)
-             for name in mamba_lib.IMPLEMENTATIONS}
-    nbytes = u.size * dtype.itemsize
-    rows += compare("selective_scan", impls, (u, delta, a, bc[0], bc[1]), settings=args,
-                    bytes_moved=(5 if args.grad else 3) * nbytes,  # u, delta (, dy) in; y (, du, dd) out
-                    shape=f"{args.batch}x{length}x{d} N={n}", dtype=dtype.name,
-                    mode="fwd+bwd" if args.grad else "fwd")
-  return rows
-
-
-@register("ssd", "Mamba-2 SSD, x [batch, L, H, P] with H = features / P, B/C [batch, L, 1, 4N]",
-          None)
-def bench_ssd(args: argparse.Namespace) -> list[Row]:
-  dtype, p, n = jnp.dtype(args.dtype), args.ssd_head_dim, 4 * args.mamba_state
-  h = max(args.features // p, 1)
-  rows = []
-  for length in args.lengths:
-    ks = jax.random.split(jax.random.key(length), 4)
-    x = jax.random.normal(ks[0], (args.batch, length, h, p), dtype)
-    dt = jax.nn.softplus(jax.random.normal(ks[1], (args.batch, length, h), dtype) - 3.0)
-    bc = jax.random.normal(ks[2], (2, args.batch, length, 1, n), dtype)
-    a = -jnp.exp(jax.random.uniform(ks[3], (h,), minval=0.0, maxval=2.7))
-    impls = {name: _fwd_or_grad(lambda x, dt, a, b, c, name=name: mamba2_lib.ssd(
-        x, dt, a, b, c, impl=name)[0], args) for name in mamba2_lib.IMPLEMENTATIONS}
-    nbytes = x.size * dtype.itemsize
-    rows += compare("ssd", impls, (x, dt, a, bc[0], bc[1]), settings=args,
-                    bytes_moved=(4 if args.grad else 2) * nbytes,  # x (, dy) in; y (, dx) out
-                    shape=f"{args.batch}x{length}x{h}x{p} N={n}", dtype=dtype.name,
-                    mode="fwd+bwd" if args.grad else "fwd")
-  return rows
+def load_cases() -> None:
+  """Imports every module of the package `ssm.benchmarks`; each registers its ops on import."""
+  from ssm import benchmarks
+  for module in pkgutil.iter_modules(benchmarks.__path__):
+    importlib.import_module(f"{benchmarks.__name__}.{module.name}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
   try:
     values = [int(v) for v in text.split(",") if v]
   except ValueError:
@@ -329,13 +174,14 @@ def _flatten(lists: Sequence[Sequence[Any]]) -> list[Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  load_cases()
   parser = argparse.ArgumentParser(
       prog="python -m ssm bench",
       description="Time each op's implementations against each other and the roofline.")
   ops = ", ".join(f"{c.name} ({c.description})" for c in CASES.values())
   parser.add_argument("--ops", type=_str_list, nargs="+", default=[["scan"]],
                       help=f"ops to benchmark (default: scan). Known: {ops}")
-  parser.add_argument("--lengths", type=_int_list, nargs="+", default=[[1024, 4096, 16384]],
+  parser.add_argument("--lengths", type=int_list, nargs="+", default=[[1024, 4096, 16384]],
                       help="sequence lengths, comma or space separated (default 1024,4096,16384)")
   parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
   parser.add_argument("--features", type=int, default=256,

@@ -73,6 +73,7 @@ def test_unknown_op_is_a_usage_error(capsys):
 
 
 def test_register_rejects_duplicates():
+  bench.load_cases()
   with pytest.raises(ValueError, match="scan"):
     bench.register("scan", "again")(lambda args: [])
 
