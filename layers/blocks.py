@@ -149,8 +149,9 @@ class ShortConv(nn.Module):
                  else segment_ids[:, 0].astype(jnp.int32))
     xp = jnp.concatenate([past.astype(x.dtype), x], axis=1)  # [batch, K-1+length, channels]
 
-    xf = xp.astype(jnp.float32)
-    y = jnp.zeros((batch, length, channels), jnp.float32)
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 x
+    xf = xp.astype(compute_dtype)
+    y = jnp.zeros((batch, length, channels), compute_dtype)
     if segment_ids is not None:
       segment_ids = segment_ids.astype(jnp.int32)
       sp = jnp.concatenate([jnp.broadcast_to(past_id[:, None], (batch, km1)), segment_ids], 1)
@@ -269,6 +270,8 @@ register_mixer("s4", "layers.s4:S4")
 register_mixer("s5", "layers.s5:S5")
 register_mixer("mamba", "layers.mamba:Mamba")
 register_mixer("mamba2", "layers.mamba2:Mamba2")
+register_mixer("long_conv", "layers.explicit_long_conv:LongConv")
+register_mixer("hyena", "layers.hyena:Hyena")
 
 
 # --------------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ class S4(nn.Module):
       int32 [batch]}; a chunk whose first id differs from the cached one starts from zero.
       Causal layers only.
   The SSM computes in float32 whatever x's dtype (the kernel and the recurrence in float64 for
-  float64 inputs; `fft_conv` is float32 by design); the output has x's dtype.
+  float64 inputs); the output has x's dtype.
   cauchy_chunk_size: frequencies per Cauchy block in the bilinear kernel (bounds its memory at
   [chunk, H, N/2] complex); None evaluates all L//2+1 frequencies at once.
   """

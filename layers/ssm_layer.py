@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers.long_conv import fft_conv
+from layers.long_conv import fft_conv, two_sided_kernel
 
 Array = jax.Array
 
@@ -69,8 +69,7 @@ def convolve(u: Array, k: Array, *, bidirectional: bool) -> Array:
   if not bidirectional:
     return fft_conv(u, k[0], causal=True)
   length = u.shape[1]
-  # Offsets -(L-1)..-1 take K1[L-2]..K1[0]; offsets 0..L-1 take K0.
-  return fft_conv(u, jnp.concatenate([k[1, :length - 1][::-1], k[0]], axis=0), causal=False)
+  return fft_conv(u, two_sided_kernel(k[0, :length], k[1, :length]), causal=False)
 
 
 def check_input(layer: str, d_model: int, x: Array) -> None:

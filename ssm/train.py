@@ -53,12 +53,13 @@ def learning_rate_schedule(peak: float, optim_cfg, num_steps: int) -> optax.Sche
 
 
 def param_groups(params, ssm_names: frozenset[str]):
-  """Labels each parameter: "ssm" (its name is a mixer's SSM parameter), "no_decay" (biases, norm
-  scales: rank < 2) or "decay"."""
+  """Labels each parameter: "ssm" (its name, or the name of a submodule holding it, is one of the
+  mixers' `ssm_param_names`: A, dt, a Hyena filter ...), "no_decay" (biases, norm scales: rank < 2)
+  or "decay"."""
 
   def label(path, leaf):
-    name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-    if name in ssm_names:
+    names = [p.key if hasattr(p, "key") else str(p) for p in path]
+    if any(name in ssm_names for name in names):
       return "ssm"
     return "decay" if leaf.ndim >= 2 else "no_decay"
 

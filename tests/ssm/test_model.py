@@ -13,7 +13,14 @@ from tests.numerics import rel
 
 
 # Causal-only mixers, sized for d_model 16.
-MIXER_KWARGS = {"mamba": dict(d_state=4), "mamba2": dict(d_state=8, headdim=8, chunk_size=8)}
+MIXER_KWARGS = {"mamba": dict(d_state=4), "mamba2": dict(d_state=8, headdim=8, chunk_size=8),
+                "hyena": dict(max_length=24, filter_order=8)}
+
+
+def _mixer_kwargs(name, bidirectional):
+  if name == "long_conv":
+    return dict(max_length=24, bidirectional=bidirectional)
+  return MIXER_KWARGS.get(name, dict(d_state=8, bidirectional=bidirectional))
 
 
 def _model(pool="mean", task="classify", bidirectional=True, prenorm=False, input_="tokens",
@@ -22,15 +29,15 @@ def _model(pool="mean", task="classify", bidirectional=True, prenorm=False, inpu
   cfg = config_lib.build(model=dict(
       task=task, input=input_, d_model=16, n_layers=2 * len(names), pattern=pattern, pool=pool,
       prenorm=prenorm, mlp_ratio=2,
-      mixers={name: MIXER_KWARGS.get(name, dict(d_state=8, bidirectional=bidirectional))
-              for name in names}))
+      mixers={name: _mixer_kwargs(name, bidirectional) for name in names}))
   config_lib.validate(cfg)
   return model_lib.build_model(cfg.model, num_outputs=7, vocab_size=12 if input_ == "tokens" else 0)
 
 
 @pytest.mark.parametrize("pool, bidirectional, pattern", [
     ("mean", False, "s4d"), ("mean", True, "s4d"), ("last", False, "s4d"), ("last", True, "s4d"),
-    ("mean", True, "s4,s4d,s5"), ("last", False, "s4,s4d,s5"), ("mean", False, "mamba,mamba2")])
+    ("mean", True, "s4,s4d,s5"), ("last", False, "s4,s4d,s5"), ("mean", False, "mamba,mamba2"),
+    ("mean", True, "long_conv"), ("last", False, "long_conv,hyena")])
 def test_classifier_ignores_padding(pool, bidirectional, pattern):
   model = _model(pool=pool, bidirectional=bidirectional, pattern=pattern)
   rng = np.random.default_rng(0)

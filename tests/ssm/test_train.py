@@ -190,3 +190,15 @@ def test_cli_train_end_to_end(tmp_path):
   assert result["step"] == 10 and result["test"]["examples"] == 40
   assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
   assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_param_groups_by_submodule_name():
+  # A Hyena filter is a submodule: every parameter under it joins the SSM group, whatever its leaf
+  # name ("kernel" elsewhere is an ordinary weight).
+  params = {"mixer": {"implicit_filter": {"dense_0": {"kernel": np.ones((3, 3)), "bias": np.ones(3)}},
+                      "in_proj": {"kernel": np.ones((3, 3)), "bias": np.ones(3)},
+                      "A_log": np.ones(3)}}
+  labels = train_lib.param_groups(params, frozenset({"implicit_filter", "A_log"}))
+  assert labels == {"mixer": {"implicit_filter": {"dense_0": {"kernel": "ssm", "bias": "ssm"}},
+                              "in_proj": {"kernel": "decay", "bias": "no_decay"},
+                              "A_log": "ssm"}}
