@@ -50,14 +50,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.d_input = 1  # feature size of continuous inputs
   c.model.d_model = 128
   c.model.n_layers = 4
-  c.model.pattern = "s4d"  # comma-separated mixer names, repeated to n_layers
-  c.model.mixers = ml_collections.ConfigDict()  # per-mixer keyword arguments, e.g. mixers.s4d.d_state
+  c.model.pattern = "s4d"  # comma-separated pattern entries (one group), repeated to n_layers
+  # Per-entry settings: the mixer's keyword arguments (e.g. mixers.s4d.d_state), plus two reserved
+  # keys: `type` (the registry mixer an entry names, default the entry itself, so that e.g.
+  # "swa" and "global_attn" can both be attention) and `mlp_ratio` (overrides model.mlp_ratio).
+  c.model.mixers = ml_collections.ConfigDict()
   c.model.norm = "layer"
   c.model.prenorm = True
   c.model.dropout = 0.0
   c.model.mlp_ratio = 0  # 0: no MLP sub-block after the mixer
   c.model.mlp_activation = "swiglu"
   c.model.pool = "mean"  # classifier pooling over real (unpadded) tokens
+  c.model.dtype = "float32"  # compute dtype of the blocks: float32 | bfloat16 (parameters: float32)
+  c.model.scan_layers = True  # repeated groups under nn.scan: compile time flat in depth
+  c.model.remat = "none"  # none | full | dots | dots_no_batch: checkpoint policy of each group
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "lra_listops"
@@ -169,10 +175,25 @@ def build(**sections) -> ml_collections.ConfigDict:
   return merge(default_config(), sections)
 
 
+RESERVED_ENTRY_KEYS = ("type", "mlp_ratio")
+
+
+def pattern_entries(model_cfg) -> tuple[str, ...]:
+  """The entries of one group, in order: `model.pattern` split at commas."""
+  return tuple(n.strip() for n in str(model_cfg.pattern).split(","))
+
+
+def mixer_type(model_cfg, entry: str) -> str:
+  """The registry mixer a pattern entry names: `model.mixers.<entry>.type`, else the entry."""
+  settings = model_cfg.mixers.get(entry)
+  return settings.get("type", entry) if settings is not None else entry
+
+
 def pattern_of(model_cfg) -> tuple[str, ...]:
-  """The mixer name of every layer: `model.pattern` repeated to `model.n_layers`."""
-  names = tuple(n.strip() for n in str(model_cfg.pattern).split(",") if n.strip())
-  return names * (model_cfg.n_layers // max(len(names), 1))
+  """The mixer type of every layer: the group's entries repeated to `model.n_layers`."""
+  types = tuple(mixer_type(model_cfg, e) for e in pattern_entries(model_cfg))
+  return types * (model_cfg.n_layers // max(len(types), 1))
+
 
 
 def _check(cond: bool, field: str, message: str) -> None:
@@ -203,20 +224,30 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _check(isinstance(m.mlp_ratio, int) and m.mlp_ratio >= 0, "model.mlp_ratio",
          f"must be a non-negative integer, got {m.mlp_ratio!r}")
 
-  names = [n.strip() for n in str(m.pattern).split(",")]
-  _check(all(names), "model.pattern", f"empty mixer name in {m.pattern!r}")
+  _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+  _check(isinstance(m.scan_layers, bool), "model.scan_layers", f"must be True or False, got {m.scan_layers!r}")
+  _one_of(m.remat, ("none", "full", "dots", "dots_no_batch"), "model.remat")
+
+  names = pattern_entries(m)
+  _check(all(names), "model.pattern", f"empty entry in {m.pattern!r}")
   for name in names:
-    _check(name in blocks.mixer_names(), "model.pattern",
-           f"unknown mixer {name!r} (known: {', '.join(blocks.mixer_names())})")
+    _check(mixer_type(m, name) in blocks.mixer_names(), "model.pattern" if name not in m.mixers
+           else f"model.mixers.{name}.type",
+           f"unknown mixer {mixer_type(m, name)!r} (known: {', '.join(blocks.mixer_names())})")
   _check(m.n_layers % len(names) == 0, "model.n_layers",
          f"{m.n_layers} layers cannot repeat the pattern {m.pattern!r} of {len(names)} mixers evenly")
   for name, kwargs in m.mixers.items():
     _check(name in names, f"model.mixers.{name}", f"settings for a mixer the pattern {m.pattern!r} does not use")
-    cls = blocks.get_mixer(name)
+    cls = blocks.get_mixer(mixer_type(m, name))
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "d_model"}
     for key in kwargs.keys():
-      _check(key in fields, f"model.mixers.{name}.{key}",
-             f"{cls.__name__} has no such argument (known: {', '.join(sorted(fields))})")
+      _check(key in fields or key in RESERVED_ENTRY_KEYS, f"model.mixers.{name}.{key}",
+             f"{cls.__name__} has no such argument (known: {', '.join(sorted(fields))}; "
+             f"and the entry settings {', '.join(RESERVED_ENTRY_KEYS)})")
+    if "mlp_ratio" in kwargs:
+      ratio = kwargs["mlp_ratio"]
+      _check(isinstance(ratio, (int, float)) and ratio >= 0, f"model.mixers.{name}.mlp_ratio",
+             f"must be >= 0, got {ratio!r}")
 
   _positive_int(d.seq_len, "data.seq_len")
   _positive_int(d.batch_size, "data.batch_size")

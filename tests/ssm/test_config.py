@@ -31,7 +31,7 @@ def test_unknown_preset_and_missing_file():
 
 @pytest.mark.parametrize("overrides, field, text", [
     (["model.pattern='s4d,mamba9'"], "model.pattern", "unknown mixer 'mamba9'"),
-    (["model.pattern='s4d,'"], "model.pattern", "empty mixer name"),
+    (["model.pattern='s4d,'"], "model.pattern", "empty entry"),
     (["model.n_layers=3", "model.pattern='s4d,s4d'"], "model.n_layers", "cannot repeat the pattern"),
     (["model.d_model=0"], "model.d_model", "positive integer"),
     (["model.pool='max'"], "model.pool", "'max' is not one of"),
@@ -72,3 +72,19 @@ def test_build_rejects_unknown_sections_and_fields():
     config_lib.build(model=dict(n_layer=3))
   with pytest.raises(config_lib.ConfigError, match="'model'.*expected a section"):
     config_lib.build(model=3)
+
+
+def test_pattern_entries_name_their_mixer_type_and_mlp():
+  config = config_lib.build(model=dict(
+      pattern="rec,rec,swa", n_layers=6, mlp_ratio=2,
+      mixers=dict(rec=dict(type="s4d", d_state=8, mlp_ratio=0), swa=dict(type="s5"))))
+  config_lib.validate(config)
+  assert config_lib.pattern_of(config.model) == ("s4d", "s4d", "s5") * 2
+  from ssm import model as model_lib
+  specs = model_lib.layer_specs(config.model)
+  assert [(s.name, s.mixer, s.mlp_ratio) for s in specs] == [
+      ("rec", "s4d", 0), ("rec", "s4d", 0), ("swa", "s5", 2)]
+  assert dict(specs[0].mixer_kwargs) == {"d_state": 8}
+  config.model.mixers.swa.type = "nope"
+  with pytest.raises(config_lib.ConfigError, match="model.mixers.swa.type.*unknown mixer 'nope'"):
+    config_lib.validate(config)

@@ -72,3 +72,64 @@ def test_ssm_parameters_are_declared_by_the_mixer():
   # A mixer declares every name its options can create; this S4D (exp/none transforms) has these.
   assert {"log_dt", "log_A_real", "A_imag", "B"} <= names & leaf_names
   assert not names & {"kernel", "bias", "scale", "embedding", "D", "C"}
+
+
+def _lm(pattern, n_layers, **model):
+  names = pattern.split(",")
+  cfg = config_lib.build(model=dict(
+      task="lm", d_model=16, n_layers=n_layers, pattern=pattern, mlp_ratio=2, prenorm=True,
+      mixers={name: _mixer_kwargs(name, False) for name in names}, **model))
+  config_lib.validate(cfg)
+  return model_lib.build_model(cfg.model, num_outputs=11, vocab_size=11)
+
+
+LM_PATTERN = "s4d,mamba,mamba2,long_conv,hyena"
+
+
+def test_scanned_groups_equal_unrolled_groups():
+  scanned = _lm(LM_PATTERN, 10)
+  unrolled = scanned.clone(scan_layers=False)
+  remat = scanned.clone(remat="full")
+  tokens = np.random.default_rng(0).integers(0, 11, (2, 13)).astype(np.int32)
+  params = jax.jit(scanned.init)(jax.random.PRNGKey(0), tokens)
+  stacked = params["params"]["groups"]
+  assert jax.tree.leaves(stacked)[0].shape[0] == 2  # n_groups on the leading axis
+  per_group = {f"group_{g}": jax.tree.map(lambda a: a[g], stacked) for g in range(2)}
+  params_unrolled = {"params": {**{k: v for k, v in params["params"].items() if k != "groups"},
+                                **per_group}}
+  loss = lambda m, p: (m.apply(p, tokens)[0] ** 2).mean()
+  y, g = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(params)
+  y_u, g_u = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p)))(params_unrolled)
+  y_r, g_r = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
+  assert rel(y_u, y) < 1e-6 and rel(y_r, y) < 1e-6
+  flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+  for gg in range(2):
+    assert rel(flat(jax.tree.map(lambda a: a[gg], g["params"]["groups"])),
+               flat(g_u["params"][f"group_{gg}"])) < 1e-5
+  assert rel(flat(g_r), flat(g)) < 1e-5
+
+
+def test_bf16_compute_keeps_float32_parameters_and_logits():
+  model = _lm(LM_PATTERN, 5)
+  model16 = model.clone(dtype="bfloat16")
+  tokens = np.random.default_rng(1).integers(0, 11, (2, 13)).astype(np.int32)
+  params = jax.jit(model16.init)(jax.random.PRNGKey(0), tokens)
+  assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype("float32")}
+  y16 = jax.jit(model16.apply)(params, tokens)[0]
+  y32 = jax.jit(model.apply)(params, tokens)[0]
+  assert y16.dtype == np.float32
+  assert rel(y16, y32) < 3e-2
+
+
+def test_lm_streaming_through_the_model_cache_equals_the_parallel_form():
+  model = _lm(LM_PATTERN, 10)
+  tokens = np.random.default_rng(2).integers(0, 11, (2, 13)).astype(np.int32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+  full = jax.jit(model.apply)(params, tokens)[0]
+  apply = jax.jit(lambda p, t, c: model.apply(p, t, cache=c))
+  cache = model.init_cache(2)
+  outs = []
+  for start, end in [(0, 5), (5, 6), (6, 13)]:
+    y, cache = apply(params, tokens[:, start:end], cache)
+    outs.append(y)
+  assert rel(np.concatenate(outs, axis=1), full) < 1e-5
