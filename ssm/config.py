@@ -1,12 +1,13 @@
 """The config schema: defaults, loading `experiments/*.py` files, and validation with clear errors.
 
-A config is an `ml_collections.ConfigDict` with four sections, each filled from `default_config()` and
+A config is an `ml_collections.ConfigDict` with five sections, each filled from `default_config()` and
 then overridden by an experiment file's `get_config(arg)`:
 
   model   the network: a pattern of mixer names repeated to `n_layers`, sizes, norms, head
   data    the task and its pipeline (`ssm.data.tasks.load_task` reads it)
   optim   AdamW with an SSM parameter group, warmup + cosine, clipping
-  train   steps, evaluation, logging and checkpoint cadence
+  mesh    the device mesh: sizes of the data / fsdp / tensor / seq axes (`ssm.sharding`)
+  train   steps, gradient accumulation, evaluation, logging and checkpoint cadence
 
 `validate(config, num_devices)` runs before anything is compiled; every error names the field.
 """
@@ -93,8 +94,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 100
   c.optim.schedule = "cosine"
 
+  c.mesh = ml_collections.ConfigDict()  # device mesh (ssm.sharding): one axis may be -1 = the rest
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.seq = 1
+
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1_000
+  c.train.grad_accum = 1  # microbatches per step: the gradient of the whole batch, in k passes
   c.train.log_every = 50
   c.train.eval_every = 500  # 0: evaluate only at the end
   c.train.checkpoint_every = 500  # 0: no checkpoints
@@ -252,9 +260,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _positive_int(d.seq_len, "data.seq_len")
   _positive_int(d.batch_size, "data.batch_size")
   _positive_int(d.eval_batch_size, "data.eval_batch_size")
-  for field, size in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
-    _check(size % num_devices == 0, field,
-           f"{size} does not divide over the {num_devices} devices of the data mesh")
+  from ssm import sharding  # imported here: ssm.sharding imports this module
+  mesh = sharding.mesh_shape(config.mesh, num_devices)
+  batch_ways = mesh["data"] * mesh["fsdp"]
+  _positive_int(t.grad_accum, "train.grad_accum")
+  _check(d.batch_size % (batch_ways * t.grad_accum) == 0, "data.batch_size",
+         f"{d.batch_size} does not divide over the {batch_ways} devices of the data x fsdp mesh axes"
+         + (f" times {t.grad_accum} microbatches (train.grad_accum)" if t.grad_accum > 1 else ""))
+  _check(d.eval_batch_size % batch_ways == 0, "data.eval_batch_size",
+         f"{d.eval_batch_size} does not divide over the {batch_ways} devices of the data x fsdp mesh axes")
+  _check(d.seq_len % mesh["seq"] == 0, "data.seq_len",
+         f"{d.seq_len} does not divide over the {mesh['seq']} devices of the seq mesh axis")
 
   for field in ("lr", "ssm_lr", "weight_decay", "grad_clip"):
     value = o[field]

@@ -1,9 +1,11 @@
 """Training: the train state, AdamW with an SSM parameter group, the sharded train/eval steps, the loop.
 
-The steps are `jax.jit`-compiled with `NamedSharding`s over a mesh with one `data` axis spanning all
-devices: the batch is split along `data`, parameters and optimizer state are replicated, and XLA
-inserts the gradient all-reduce. Loss and metrics are means over the global batch, so a step gives
-the same result on 1 device as on 8.
+The steps are `jax.jit`-compiled with `NamedSharding`s over the config's mesh (`ssm.sharding`): the
+batch is split over data x fsdp (and its length over seq), parameters and optimizer state are
+created sharded by the logical-axis rules (no single-device copy first), and XLA inserts the
+collectives. Loss and metrics are means over the global batch, so a step gives the same result on
+any mesh. With `train.grad_accum = k` the batch runs as k microbatches whose summed gradients make
+exactly the gradient of the whole batch.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from ssm import checkpoint as checkpoint_lib
 from ssm import config as config_lib
 from ssm import metrics as metrics_lib
 from ssm import model as model_lib
+from ssm import sharding as sharding_lib
 from ssm.data import tasks
-
-DATA_AXIS = "data"
 
 
 @flax.struct.dataclass
@@ -36,12 +37,6 @@ class TrainState:
   params: Any
   opt_state: Any
   skipped: jax.Array  # steps whose loss or gradient was not finite, so not applied
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def learning_rate_schedule(peak: float, optim_cfg, num_steps: int) -> optax.Schedule:
@@ -83,39 +78,65 @@ def make_optimizer(optim_cfg, num_steps: int, params, ssm_names: frozenset[str])
 
 
 def classification_loss(logits, labels, weights):
-  """Weighted mean cross-entropy and accuracy; logits [batch, classes], labels/weights [batch]."""
+  """Summed cross-entropy, correct count and weight; logits [batch, classes], labels/weights [batch]."""
   logits = logits.astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  total = jnp.maximum(weights.sum(), 1e-9)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return (nll * weights).sum() / total, {"accuracy": (correct * weights).sum() / total}
+  return {"loss_sum": (nll * weights).sum(), "correct": (correct * weights).sum(),
+          "weight": weights.sum()}
 
 
 def lm_loss(logits, tokens, mask):
-  """Next-token cross-entropy; logits [batch, length, vocab] predict tokens[:, 1:] where mask is True."""
+  """Next-token cross-entropy summed over the targets: logits [batch, length, vocab] predict
+  tokens[:, 1:] where mask is True. Returns the sums as `classification_loss` does."""
   logits = logits[:, :-1].astype(jnp.float32)
   targets, weights = tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  total = jnp.maximum(weights.sum(), 1e-9)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return (nll * weights).sum() / total, {"accuracy": (correct * weights).sum() / total}
+  return {"loss_sum": (nll * weights).sum(), "correct": (correct * weights).sum(),
+          "weight": weights.sum()}
 
 
-def compute_loss(model: nn.Module, params, batch, rng):
+def compute_sums(model: nn.Module, params, batch, rng):
+  """{"loss_sum", "correct", "weight"} of a batch (float32)."""
   logits, _ = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], rngs={"dropout": rng})
   if model.head == "lm":
     return lm_loss(logits, batch["tokens"], batch["mask"])
   return classification_loss(logits, batch["label"], batch["weight"])
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, seed: int) -> Callable:
-  """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves params and optimizer
-  state unchanged, counts in `state.skipped`, and is reported in the metrics."""
+def microbatches(batch, k: int):
+  """[batch, ...] arrays -> [k, batch/k, ...]; microbatch i takes rows i, i+k, ... so that each
+  device's share of the batch splits evenly (a device holds contiguous rows)."""
+  return jax.tree.map(lambda a: a.reshape((a.shape[0] // k, k) + a.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, seed: int,
+                    grad_accum: int = 1) -> Callable:
+  """(state, batch) -> (state, metrics). The loss is the weighted mean over the whole batch, its
+  gradient summed over `grad_accum` microbatches. A non-finite loss or gradient leaves params and
+  optimizer state unchanged, counts in `state.skipped`, and is reported in the metrics."""
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    (loss, aux), grads = jax.value_and_grad(compute_loss, argnums=1, has_aux=True)(
-        model, state.params, batch, rng)
+    def loss_sum(params, batch, rng):
+      sums = compute_sums(model, params, batch, rng)
+      return sums["loss_sum"], sums
+    grad_sums = jax.grad(loss_sum, has_aux=True)
+    if grad_accum == 1:
+      grads, sums = grad_sums(state.params, batch, rng)
+    else:
+      def accumulate(carry, micro):
+        i, micro_batch = micro
+        g, s = grad_sums(state.params, micro_batch, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "weight")})
+      (grads, sums), _ = jax.lax.scan(accumulate, init,
+                                      (jnp.arange(grad_accum), microbatches(batch, grad_accum)))
+    total = jnp.maximum(sums["weight"], 1e-9)
+    loss = sums["loss_sum"] / total
+    grads = jax.tree.map(lambda g: g / total, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -124,7 +145,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     state = TrainState(step=state.step + 1, params=keep(params, state.params),
                        opt_state=keep(opt_state, state.opt_state),
                        skipped=state.skipped + (~finite).astype(jnp.int32))
-    return state, {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32), **aux}
+    return state, {"loss": loss, "accuracy": sums["correct"] / total, "grad_norm": grad_norm,
+                   "nonfinite": (~finite).astype(jnp.float32)}
 
   return train_step
 
@@ -133,14 +155,7 @@ def make_eval_step(model: nn.Module) -> Callable:
   """(params, batch) -> summed loss, correct count and weight, to be totalled over the eval set."""
 
   def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch["tokens"], mask=batch["mask"])
-    if model.head == "lm":
-      loss, aux = lm_loss(logits, batch["tokens"], batch["mask"])
-      weight = batch["mask"][:, 1:].sum().astype(jnp.float32)
-    else:
-      loss, aux = classification_loss(logits, batch["label"], batch["weight"])
-      weight = batch["weight"].sum()
-    return {"loss_sum": loss * weight, "correct": aux["accuracy"] * weight, "weight": weight}
+    return compute_sums(model, params, batch, jax.random.PRNGKey(0))  # deterministic: no dropout
 
   return eval_step
 
@@ -152,7 +167,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, task: tasks.Task, mesh: Mesh | None = None):
     self.config = config
     self.task = task
-    self.mesh = make_mesh() if mesh is None else mesh
+    self.mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     config_lib.validate(config, num_devices=self.mesh.size)
     num_outputs = task.vocab_size if config.model.task == "lm" else task.num_classes
     self.model = model_lib.build_model(config.model, num_outputs=num_outputs, vocab_size=task.vocab_size,
@@ -160,31 +175,57 @@ class Trainer:
     self.eval_model = self.model.clone(deterministic=True)
     self.ssm_names = model_lib.ssm_param_names(self.model.pattern)
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
     self._optimizer = None
     self._train_step = None
-    self._eval_step = jax.jit(make_eval_step(self.eval_model),
-                              in_shardings=(self.replicated, self.batch_sharding),
-                              out_shardings=self.replicated)
+    self._eval_step = None
+    self.state_shardings = None
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Places this process's part of the global batch on the mesh, split along `data`."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+    """Places this process's part of the global batch on the mesh: batch over data x fsdp, length
+    over seq."""
+    return {k: jax.make_array_from_process_local_data(
+                sharding_lib.batch_sharding(self.mesh, np.ndim(v)), np.asarray(v))
             for k, v in batch.items()}
 
-  def init_state(self, example_batch: dict[str, np.ndarray]) -> TrainState:
-    """Initialises parameters from `config.seed` and the optimizer state, replicated on the mesh."""
+  def abstract_state(self, example_batch: dict[str, np.ndarray]) -> TrainState:
+    """The train state's shapes and dtypes (no computation), and sets `state_shardings`."""
     tokens = np.asarray(example_batch["tokens"])[:1]
     mask = np.asarray(example_batch["mask"])[:1]
-    params = jax.jit(lambda: self.eval_model.init(jax.random.PRNGKey(self.config.seed), tokens, mask=mask),
-                     out_shardings=self.replicated)()["params"]
-    self._optimizer = make_optimizer(self.config.optim, self.config.train.num_steps, params, self.ssm_names)
-    opt_state = jax.jit(self._optimizer.init, out_shardings=self.replicated)(params)
-    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), self.replicated)  # two buffers: both are donated
-    state = TrainState(step=zero(), params=params, opt_state=opt_state, skipped=zero())
-    self._train_step = jax.jit(make_train_step(self.model, self._optimizer, self.config.seed),
-                               in_shardings=(self.replicated, self.batch_sharding),
-                               out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self._init_params = lambda: self.eval_model.init(
+        jax.random.PRNGKey(self.config.seed), tokens, mask=mask)["params"]
+    params = jax.eval_shape(self._init_params)
+    self._optimizer = make_optimizer(self.config.optim, self.config.train.num_steps, params,
+                                     self.ssm_names)
+    param_shardings = sharding_lib.param_shardings(params, self.mesh, self.config.model.d_model)
+    opt_shardings = sharding_lib.optimizer_shardings(self._optimizer, params, param_shardings,
+                                                     self.mesh)
+    self.state_shardings = TrainState(step=self.replicated, params=param_shardings,
+                                      opt_state=opt_shardings, skipped=self.replicated)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return TrainState(step=scalar, params=params,
+                      opt_state=jax.eval_shape(self._optimizer.init, params), skipped=scalar)
+
+  def init_state(self, example_batch: dict[str, np.ndarray]) -> TrainState:
+    """Initialises parameters from `config.seed` and the optimizer state, created sharded on the
+    mesh (each device computes only its shards)."""
+    self.abstract_state(example_batch)
+    shardings = self.state_shardings
+
+    def init():
+      params = self._init_params()
+      zero = jnp.zeros((), jnp.int32)
+      return TrainState(step=zero, params=params, opt_state=self._optimizer.init(params),
+                        skipped=zero)
+
+    state = jax.jit(init, out_shardings=shardings)()
+    batch_shardings = None  # inferred from the arrays shard_batch places
+    self._train_step = jax.jit(
+        make_train_step(self.model, self._optimizer, self.config.seed, self.config.train.grad_accum),
+        in_shardings=(shardings, batch_shardings), out_shardings=(shardings, self.replicated),
+        donate_argnums=0)
+    self._eval_step = jax.jit(make_eval_step(self.eval_model),
+                              in_shardings=(shardings.params, batch_shardings),
+                              out_shardings=self.replicated)
     return state
 
   def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
@@ -195,6 +236,8 @@ class Trainer:
   def evaluate(self, params, split: str) -> dict[str, float]:
     """Loss and accuracy over the whole split (every example once; padding examples weigh 0)."""
     totals = None
+    if self._eval_step is None:
+      raise RuntimeError("call init_state before evaluate")
     for batch in self.task.eval_batches(split):
       out = self._eval_step(params, self.shard_batch(batch))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)

@@ -88,8 +88,10 @@ def test_optimizer_groups_learning_rates_and_decay(tiny):
   batch = next(trainer.task.train_iterator())
   state = trainer.init_state(batch)
   before = jax.device_get(state.params)
-  grads = jax.grad(lambda p: train_lib.compute_loss(trainer.model, p, trainer.shard_batch(batch),
-                                                      jax.random.PRNGKey(0))[0])(state.params)
+  def mean_loss(p):
+    sums = train_lib.compute_sums(trainer.model, p, trainer.shard_batch(batch), jax.random.PRNGKey(0))
+    return sums["loss_sum"] / sums["weight"]
+  grads = jax.grad(mean_loss)(state.params)
   state, _ = trainer.train_step(state, batch)
   after = jax.device_get(state.params)
   labels = train_lib.param_groups(before, trainer.ssm_names)
@@ -132,14 +134,14 @@ import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 import jax, numpy as np
 assert jax.device_count() == 8, jax.devices()
-from ssm import train as train_lib
+from ssm import sharding, train as train_lib
 from ssm.data import tasks
 from tests.ssm.conftest import tiny_config
 config = tiny_config({str(tmp_path / 'tfds')!r})
 task = tasks.load_task(config.data, seed=config.seed)
 out = {{}}
 for n in (1, 8):
-  trainer = train_lib.Trainer(config, task, mesh=train_lib.make_mesh(jax.devices()[:n]))
+  trainer = train_lib.Trainer(config, task, mesh=sharding.make_mesh({{"data": n}}, jax.devices()[:n]))
   data = task.train_iterator()
   state = trainer.init_state(next(task.train_iterator()))
   losses = []
