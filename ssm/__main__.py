@@ -2,6 +2,7 @@
 
   python -m ssm train --config experiments/lra/listops.py[:preset] [--workdir DIR] [--config.a.b=value ...]
   python -m ssm eval  --config ... --workdir DIR [--split test]     (evaluates the newest checkpoint)
+  python -m ssm info  --config ... [--num-outputs N] [--config.a.b=value ...]  (layer table, parameter counts)
   python -m ssm bench [--ops scan] [--lengths ...]                   (see `python -m ssm bench --help`)
 """
 
@@ -20,6 +21,9 @@ def _parse_run_args(command: str, argv: list[str]):
   parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
   if command == "eval":
     parser.add_argument("--split", default="test")
+  if command == "info":
+    parser.add_argument("--num-outputs", type=int, default=None,
+                        help="classes of a classifier (default: from the task, which may build it)")
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
@@ -82,12 +86,29 @@ def evaluate(argv: list[str]) -> int:
   return 0
 
 
+def info(argv: list[str]) -> int:
+  args, overrides = _parse_run_args("info", argv)
+  from ssm import config as config_lib, info as info_lib
+  config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+  config_lib.validate(config)
+  vocab = config.model.vocab_size
+  num_outputs = vocab if config.model.task == "lm" else args.num_outputs
+  if (config.model.input == "tokens" and not vocab) or not num_outputs:
+    from ssm.data import tasks
+    task = tasks.load_task(config.data, seed=config.seed)
+    vocab = vocab or task.vocab_size
+    num_outputs = num_outputs or (vocab if config.model.task == "lm" else task.num_classes)
+  print(info_lib.describe(config, num_outputs=num_outputs,
+                          vocab_size=vocab if config.model.input == "tokens" else 0))
+  return 0
+
+
 def bench(argv: list[str]) -> int:
   from ssm import bench as bench_lib
   return bench_lib.main(argv)
 
 
-COMMANDS = {"train": train, "eval": evaluate, "bench": bench}
+COMMANDS = {"train": train, "eval": evaluate, "info": info, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.task = "classify"  # classify | lm
   c.model.input = "tokens"  # tokens (embedding table) | continuous (linear encoder)
   c.model.d_input = 1  # feature size of continuous inputs
+  c.model.vocab_size = 0  # token vocabulary of the embedding / LM head; 0: the task's
+  c.model.tie_embeddings = False  # LM head = the token embedding table, transposed
   c.model.d_model = 128
   c.model.n_layers = 4
   c.model.pattern = "s4d"  # comma-separated pattern entries (one group), repeated to n_layers
@@ -59,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.norm = "layer"
   c.model.prenorm = True
   c.model.dropout = 0.0
-  c.model.mlp_ratio = 0  # 0: no MLP sub-block after the mixer
+  c.model.mlp_ratio = 0.0  # MLP hidden size / d_model (a float); 0: no MLP sub-block after the mixer
   c.model.mlp_activation = "swiglu"
   c.model.pool = "mean"  # classifier pooling over real (unpadded) tokens
   c.model.dtype = "float32"  # compute dtype of the blocks: float32 | bfloat16 (parameters: float32)
@@ -229,8 +231,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _positive_int(m.n_layers, "model.n_layers")
   _positive_int(m.d_input, "model.d_input")
   _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-  _check(isinstance(m.mlp_ratio, int) and m.mlp_ratio >= 0, "model.mlp_ratio",
-         f"must be a non-negative integer, got {m.mlp_ratio!r}")
+  _check(isinstance(m.mlp_ratio, (int, float)) and m.mlp_ratio >= 0, "model.mlp_ratio",
+         f"must be a number >= 0, got {m.mlp_ratio!r}")
+  _check(not m.tie_embeddings or (m.task == "lm" and m.input == "tokens"), "model.tie_embeddings",
+         "needs an LM (model.task 'lm') over token inputs (model.input 'tokens')")
+  _check(isinstance(m.vocab_size, int) and m.vocab_size >= 0, "model.vocab_size",
+         f"must be an integer >= 0 (0: the task's vocabulary), got {m.vocab_size!r}")
 
   _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
   _check(isinstance(m.scan_layers, bool), "model.scan_layers", f"must be True or False, got {m.scan_layers!r}")

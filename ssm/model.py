@@ -99,6 +99,7 @@ class SequenceModel(nn.Module):
   head: str = "classify"
   num_outputs: int = 10  # classes, or the vocabulary size of an LM
   vocab_size: int = 0  # > 0: token inputs through an embedding table
+  tie_embeddings: bool = False  # LM head = the embedding table transposed
   norm: str = "layer"
   prenorm: bool = True
   dropout: float = 0.0
@@ -135,7 +136,12 @@ class SequenceModel(nn.Module):
                      for g in range(self.n_groups)]
     norm_cls = blocks.RMSNorm if self.norm == "rms" else blocks.LayerNorm
     self.final_norm = norm_cls() if self.prenorm else None
-    self.out = nn.Dense(self.num_outputs)
+    if self.tie_embeddings and (self.head != "lm" or self.vocab_size != self.num_outputs):
+      raise ValueError("SequenceModel.tie_embeddings needs an LM head over the input vocabulary "
+                       f"(head {self.head!r}, vocab_size {self.vocab_size}, num_outputs "
+                       f"{self.num_outputs})")
+    if not self.tie_embeddings:
+      self.out = nn.Dense(self.num_outputs)
 
   def __call__(self, inputs, *, mask=None, segment_ids=None, cache=None):
     """inputs [batch, length] int or [batch, length, d_input]; mask [batch, length] bool.
@@ -156,6 +162,9 @@ class SequenceModel(nn.Module):
     if self.final_norm is not None:
       x = self.final_norm(x)
     x = x.astype(jnp.float32)
+    if self.tie_embeddings:
+      table = self.embed.variables["params"]["embedding"]
+      return jnp.einsum("bld,vd->blv", x, table.astype(jnp.float32)), new_cache
     if self.head == "lm":
       return self.out(x), new_cache
     return self.out(self._pool(x, mask)), new_cache
@@ -199,7 +208,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, *, num_outputs: int, vocab
   return SequenceModel(
       group=group, n_groups=model_cfg.n_layers // len(group), d_model=model_cfg.d_model,
       head=model_cfg.task, num_outputs=num_outputs,
-      vocab_size=vocab_size if model_cfg.input == "tokens" else 0, norm=model_cfg.norm,
+      vocab_size=vocab_size if model_cfg.input == "tokens" else 0,
+      tie_embeddings=model_cfg.tie_embeddings, norm=model_cfg.norm,
       prenorm=model_cfg.prenorm, dropout=model_cfg.dropout, mlp_activation=model_cfg.mlp_activation,
       pool=model_cfg.pool, dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
       remat=model_cfg.remat, deterministic=deterministic)

@@ -169,8 +169,12 @@ class Trainer:
     self.task = task
     self.mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     config_lib.validate(config, num_devices=self.mesh.size)
-    num_outputs = task.vocab_size if config.model.task == "lm" else task.num_classes
-    self.model = model_lib.build_model(config.model, num_outputs=num_outputs, vocab_size=task.vocab_size,
+    vocab_size = config.model.vocab_size or task.vocab_size
+    if vocab_size < task.vocab_size:
+      raise config_lib.ConfigError("model.vocab_size", f"{vocab_size} is smaller than the task's "
+                                   f"vocabulary ({task.vocab_size} tokens)")
+    num_outputs = vocab_size if config.model.task == "lm" else task.num_classes
+    self.model = model_lib.build_model(config.model, num_outputs=num_outputs, vocab_size=vocab_size,
                                        deterministic=False)
     self.eval_model = self.model.clone(deterministic=True)
     self.ssm_names = model_lib.ssm_param_names(self.model.pattern)

@@ -204,3 +204,18 @@ def test_param_groups_by_submodule_name():
   assert labels == {"mixer": {"implicit_filter": {"dense_0": {"kernel": "ssm", "bias": "ssm"}},
                               "in_proj": {"kernel": "decay", "bias": "no_decay"},
                               "A_log": "ssm"}}
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tiny):
+  batch = next(_trainer(tiny).task.train_iterator())
+  batch["weight"] = np.linspace(0.5, 1.5, len(batch["weight"])).astype(np.float32)  # unequal
+  results = []
+  for k in (1, 4):
+    tiny.train.grad_accum = k
+    trainer = _trainer(tiny)
+    state = trainer.init_state(batch)
+    state, m = trainer.train_step(state, batch)
+    leaves = jax.tree.leaves(jax.device_get(state.params))
+    results.append((float(m["loss"]), np.concatenate([np.ravel(a) for a in leaves])))
+  assert abs(results[1][0] - results[0][0]) < 1e-6 * abs(results[0][0])
+  assert rel(results[1][1], results[0][1]) < 1e-6
