@@ -3,6 +3,8 @@
   python -m ssm train --config experiments/lra/listops.py[:preset] [--workdir DIR] [--config.a.b=value ...]
   python -m ssm eval  --config ... --workdir DIR [--split test]     (evaluates the newest checkpoint)
   python -m ssm info  --config ... [--num-outputs N] [--config.a.b=value ...]  (layer table, parameter counts)
+  python -m ssm generate --config ... --workdir DIR --prompt-tokens 1,2,3 [--max-new-tokens 32]
+                     [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--random-init]
   python -m ssm bench [--ops scan] [--lengths ...]                   (see `python -m ssm bench --help`)
 """
 
@@ -21,6 +23,16 @@ def _parse_run_args(command: str, argv: list[str]):
   parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
   if command == "eval":
     parser.add_argument("--split", default="test")
+  if command == "generate":
+    parser.add_argument("--prompt-tokens", required=True,
+                        help="the prompt as comma-separated token ids (one sequence)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--random-init", action="store_true",
+                        help="use the config's initial parameters instead of a checkpoint")
   if command == "info":
     parser.add_argument("--num-outputs", type=int, default=None,
                         help="classes of a classifier (default: from the task, which may build it)")
@@ -86,6 +98,45 @@ def evaluate(argv: list[str]) -> int:
   return 0
 
 
+def generate(argv: list[str]) -> int:
+  args, overrides = _parse_run_args("generate", argv)
+  config, task, workdir = _setup(args, overrides)
+  import jax
+  import numpy as np
+  from ssm import checkpoint, generate as generate_lib, train as train_lib
+  if config.model.task != "lm":
+    print(f"generate needs an LM config (model.task 'lm'), got {config.model.task!r}", file=sys.stderr)
+    return 2
+  try:
+    prompt = np.asarray([[int(t) for t in args.prompt_tokens.split(",") if t.strip()]], np.int32)
+  except ValueError:
+    print(f"--prompt-tokens: expected comma-separated integers, got {args.prompt_tokens!r}",
+          file=sys.stderr)
+    return 2
+  trainer = train_lib.Trainer(config, task)
+  vocab = trainer.eval_model.vocab_size
+  if prompt.size == 0 or prompt.min() < 0 or prompt.max() >= vocab:
+    print(f"--prompt-tokens: need at least one token, each in [0, {vocab})", file=sys.stderr)
+    return 2
+  batch = {"tokens": prompt, "mask": np.ones(prompt.shape, bool)}
+  state = trainer.init_state(batch)
+  step = 0
+  if not args.random_init:
+    restored = checkpoint.Checkpointer(workdir / "checkpoints", every=0).restore(state)
+    if restored is None:
+      print(f"no checkpoint in {workdir / 'checkpoints'} (pass --random-init to sample from the "
+            "initial parameters)", file=sys.stderr)
+      return 1
+    state, _, step = restored
+  tokens = generate_lib.generate(
+      trainer.eval_model, {"params": state.params}, prompt, jax.random.key(args.seed),
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+      top_p=args.top_p)
+  print(json.dumps({"step": step, "prompt": prompt[0].tolist(),
+                    "generated": np.asarray(tokens)[0, prompt.shape[1]:].tolist()}))
+  return 0
+
+
 def info(argv: list[str]) -> int:
   args, overrides = _parse_run_args("info", argv)
   from ssm import config as config_lib, info as info_lib
@@ -108,7 +159,7 @@ def bench(argv: list[str]) -> int:
   return bench_lib.main(argv)
 
 
-COMMANDS = {"train": train, "eval": evaluate, "info": info, "bench": bench}
+COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "info": info, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,22 @@ sampling filters keep exactly the tokens their definitions allow."""
 
 from __future__ import annotations
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm import config as config_lib
+from ssm import train as train_lib
+from ssm.data import tasks
 from ssm.generate import generate, sample_logits
 from tests.ssm.test_model import LM_PATTERN, _lm
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_greedy_generation_equals_full_recomputation():
@@ -38,3 +48,28 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
   everything = np.asarray(sample_logits(logits, keys, temperature=1.0))
   assert set(everything.tolist()) == {0, 1, 2, 3}
   np.testing.assert_array_equal(sample_logits(logits[:3], keys), [0, 0, 0])
+
+
+def test_cli_generate_from_the_initial_parameters(tmp_path):
+  overrides = [f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.num_train=50",
+               "--config.data.num_val=20", "--config.data.num_test=20",
+               "--config.data.min_length=5", "--config.data.max_length=40",
+               "--config.data.max_depth=3"]
+  base = [sys.executable, "-m", "ssm", "generate", "--config", "experiments/lm/preset.py:samba-tiny",
+          "--workdir", str(tmp_path / "run"), "--prompt-tokens", "5,6,7", "--max-new-tokens", "4"]
+  proc = subprocess.run(base + overrides, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 1 and "no checkpoint" in proc.stderr
+  proc = subprocess.run(base + overrides + ["--random-init"], capture_output=True, text=True,
+                        cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  # The same initial parameters in this process, decoded by recomputing the forward pass.
+  config = config_lib.apply_overrides(config_lib.load_config_file(
+      "experiments/lm/preset.py:samba-tiny"), [o[len("--config."):] for o in overrides])
+  trainer = train_lib.Trainer(config, tasks.load_task(config.data, seed=config.seed))
+  tokens = np.asarray([[5, 6, 7]], np.int32)
+  params = trainer.init_state({"tokens": tokens, "mask": np.ones((1, 3), bool)}).params
+  for _ in range(4):
+    logits = trainer.eval_model.apply({"params": params}, tokens)[0]
+    tokens = np.concatenate([tokens, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
+  assert out["prompt"] == [5, 6, 7] and out["generated"] == tokens[0, 3:].tolist()
