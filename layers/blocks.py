@@ -273,6 +273,7 @@ register_mixer("mamba2", "layers.mamba2:Mamba2")
 register_mixer("long_conv", "layers.explicit_long_conv:LongConv")
 register_mixer("hyena", "layers.hyena:Hyena")
 register_mixer("attention", "layers.attention:Attention")
+register_mixer("gated_deltanet", "layers.gated_delta:GatedDeltaNet")
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_greedy_generation_equals_full_recomputation():
-  model = _lm(LM_PATTERN, 6)
+  model = _lm(LM_PATTERN, 7)
   prompt = np.random.default_rng(0).integers(0, 11, (2, 6)).astype(np.int32)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), prompt)
   out = np.asarray(generate(model, params, jnp.asarray(prompt), jax.random.key(0),

@@ -15,7 +15,8 @@ from tests.numerics import rel
 # Causal-only mixers, sized for d_model 16.
 MIXER_KWARGS = {"mamba": dict(d_state=4), "mamba2": dict(d_state=8, headdim=8, chunk_size=8),
                 "hyena": dict(max_length=24, filter_order=8),
-                "attention": dict(num_heads=2, num_kv_heads=1, window=4, block_size=4)}
+                "attention": dict(num_heads=2, num_kv_heads=1, window=4, block_size=4),
+                "gated_deltanet": dict(num_heads=2, head_dim_k=8, chunk_size=4)}
 
 
 def _mixer_kwargs(name, bidirectional):
@@ -84,11 +85,11 @@ def _lm(pattern, n_layers, **model):
   return model_lib.build_model(cfg.model, num_outputs=11, vocab_size=11)
 
 
-LM_PATTERN = "s4d,mamba,mamba2,long_conv,hyena,attention"
+LM_PATTERN = "s4d,mamba,mamba2,long_conv,hyena,attention,gated_deltanet"
 
 
 def test_scanned_groups_equal_unrolled_groups():
-  scanned = _lm(LM_PATTERN, 12)
+  scanned = _lm(LM_PATTERN, 14)
   unrolled = scanned.clone(scan_layers=False)
   remat = scanned.clone(remat="full")
   tokens = np.random.default_rng(0).integers(0, 11, (2, 13)).astype(np.int32)
@@ -111,7 +112,7 @@ def test_scanned_groups_equal_unrolled_groups():
 
 
 def test_bf16_compute_keeps_float32_parameters_and_logits():
-  model = _lm(LM_PATTERN, 6)
+  model = _lm(LM_PATTERN, 7)
   model16 = model.clone(dtype="bfloat16")
   tokens = np.random.default_rng(1).integers(0, 11, (2, 13)).astype(np.int32)
   params = jax.jit(model16.init)(jax.random.PRNGKey(0), tokens)
@@ -123,7 +124,7 @@ def test_bf16_compute_keeps_float32_parameters_and_logits():
 
 
 def test_lm_streaming_through_the_model_cache_equals_the_parallel_form():
-  model = _lm(LM_PATTERN, 12)
+  model = _lm(LM_PATTERN, 14)
   tokens = np.random.default_rng(2).integers(0, 11, (2, 13)).astype(np.int32)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
   full = jax.jit(model.apply)(params, tokens)[0]

@@ -65,12 +65,14 @@ def test_parameter_logical_axes_from_shapes():
 MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "tensor": 4}, {"data": 2, "fsdp": 2, "tensor": 2},
           {"seq": 4, "data": 2}]
 HYBRID = dict(
-    task="lm", d_model=16, n_layers=6, pattern="s4d,mamba,mamba2,long_conv,hyena,attention",
+    task="lm", d_model=16, n_layers=7,
+    pattern="s4d,mamba,mamba2,long_conv,hyena,attention,gated_deltanet",
     mlp_ratio=2,
     mixers=dict(s4d=dict(d_state=8), mamba=dict(d_state=4),
                 mamba2=dict(d_state=8, headdim=8, chunk_size=8),
                 long_conv=dict(max_length=48), hyena=dict(max_length=48, filter_order=8),
-                attention=dict(num_heads=2, num_kv_heads=1, window=8, block_size=8)))
+                attention=dict(num_heads=2, num_kv_heads=1, window=8, block_size=8),
+                gated_deltanet=dict(num_heads=2, head_dim_k=8, chunk_size=8)))
 
 
 def test_train_step_is_the_same_on_every_mesh(tmp_path):
