@@ -192,7 +192,8 @@ class Trainer:
             for k, v in batch.items()}
 
   def abstract_state(self, example_batch: dict[str, np.ndarray]) -> TrainState:
-    """The train state's shapes and dtypes (no computation), and sets `state_shardings`."""
+    """The train state as ShapeDtypeStructs carrying their shardings on this mesh (nothing is
+    computed): a restore target for `Checkpointer.restore`. Sets `state_shardings`."""
     tokens = np.asarray(example_batch["tokens"])[:1]
     mask = np.asarray(example_batch["mask"])[:1]
     self._init_params = lambda: self.eval_model.init(
@@ -206,8 +207,10 @@ class Trainer:
     self.state_shardings = TrainState(step=self.replicated, params=param_shardings,
                                       opt_state=opt_shardings, skipped=self.replicated)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return TrainState(step=scalar, params=params,
-                      opt_state=jax.eval_shape(self._optimizer.init, params), skipped=scalar)
+    shapes = TrainState(step=scalar, params=params,
+                        opt_state=jax.eval_shape(self._optimizer.init, params), skipped=scalar)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        self.state_shardings)
 
   def init_state(self, example_batch: dict[str, np.ndarray]) -> TrainState:
     """Initialises parameters from `config.seed` and the optimizer state, created sharded on the
