@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layers.hyena import Hyena, decay_window, positional_encoding
-from tests.layers.mixer_testing import stream
+from tests.layers.mixer_testing import check_directional_derivatives, packed_equals_separate, stream
 from tests.numerics import rel
 
 
@@ -115,13 +115,7 @@ def test_parallel_equals_streaming():
 
 def test_packed_equals_separate():
   m, p, x = make(length=20)
-  seg = jnp.asarray([[0] * 6 + [1] * 14, [2] * 20], jnp.int32)
-  y, _ = apply(m, p, x, seg, None)
-  first, _ = apply(m, p, x[:1, :6], None, None)
-  second, _ = apply(m, p, x[:1, 6:], None, None)
-  assert rel(y[:1], jnp.concatenate([first, second], axis=1)) < 1e-5
-  whole, _ = apply(m, p, x[1:], None, None)
-  assert rel(y[1:], whole) < 1e-5
+  packed_equals_separate(apply, m, p, x)
 
 
 def test_causality_by_gradient():
@@ -142,19 +136,7 @@ def test_gradients_match_finite_differences():
     g = jnp.asarray(np.random.default_rng(4).normal(size=x.shape))
     seg = jnp.asarray([[0, 0, 1, 1, 1, 1]] * 2, jnp.int32)
     loss = lambda p, x: jnp.sum(g * m.apply(p, x, segment_ids=seg)[0])
-    dp, dx = jax.grad(loss, (0, 1))(p64, x64)
-    assert all(np.isfinite(a).all() for a in jax.tree.leaves((dp, dx)))
-    rng = np.random.default_rng(5)
-    for _ in range(3):
-      vp = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p64)
-      vx = jnp.asarray(rng.normal(size=x.shape))
-      eps = 1e-6
-      plus = loss(jax.tree.map(lambda a, v: a + eps * v, p64, vp), x64 + eps * vx)
-      minus = loss(jax.tree.map(lambda a, v: a - eps * v, p64, vp), x64 - eps * vx)
-      fd = (plus - minus) / (2 * eps)
-      analytic = sum(jnp.vdot(a, v) for a, v in zip(jax.tree.leaves(dp), jax.tree.leaves(vp)))
-      analytic += jnp.vdot(dx, vx)
-      assert abs(fd - analytic) < 1e-6 * abs(analytic)
+    check_directional_derivatives(loss, p64, x64)
 
 
 def test_bf16_inputs():
