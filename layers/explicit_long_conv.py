@@ -27,8 +27,9 @@ Array = jax.Array
 
 
 def squash(k: Array, lam: float) -> Array:
-  """Soft-thresholding: sign(k) * max(|k| - lam, 0). Taps with |k| <= lam become exactly 0 (and get
-  no gradient), the others move lam towards 0: the L1 proximal step, which makes the kernel sparse."""
+  """Soft-thresholding: sign(k) * max(|k| - lam, 0). Taps with |k| <= lam become exactly 0 (and
+  get no gradient), the others move lam towards 0: the L1 proximal step, which makes the kernel
+  sparse."""
   return jnp.sign(k) * jax.nn.relu(jnp.abs(k) - lam)
 
 

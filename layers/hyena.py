@@ -11,10 +11,10 @@ The operator of order N (Definition 3.1 of the paper), on x [batch, L, D]:
 Each filter is h^n_t = window(t) * FFN(PE(t)) for taps t = 0..max_length-1: a positional encoding
 PE(t) = [t / (max_length-1), cos(f_i w_t), -sin(f_i w_t)]_i with w_t = 2 pi t / max_length and
 f_i = linspace(1e-4, B-1, B), B = (emb_dim - 1) / 2 bands; an FFN with sine activations
-sin(a * z) of learnable frequency a; and an exponential-decay window exp(-|delta_d| t/(max_length-1))
-whose rate delta_d is spread over the channels (fast to slow decay). All filter parameters (FFN,
-frequencies, b) live in the submodule "implicit_filter", tagged for the SSM optimizer group (own
-learning rate, no weight decay).
+sin(a * z) of learnable frequency a; and an exponential-decay window
+exp(-|delta_d| t / (max_length - 1)) whose rate delta_d is spread over the channels (fast to slow).
+All filter parameters (FFN, frequencies, b) live in the submodule "implicit_filter", tagged for
+the SSM optimizer group (own learning rate, no weight decay).
 
 Shapes: x, y [batch, length, d_model]; filters [taps, N, d_model].
 """
@@ -39,7 +39,8 @@ def positional_encoding(length: int, max_length: int, emb_dim: int) -> np.ndarra
   """[length, emb_dim] float32: PE(t) for t = 0..length-1 on the grid of max_length taps (so a tap
   has the same encoding whatever the sequence length). emb_dim odd >= 3."""
   if emb_dim < 3 or emb_dim % 2 == 0:
-    raise ValueError(f"Hyena: emb_dim must be odd and >= 3 (time plus cos/sin bands), got {emb_dim}")
+    raise ValueError(f"Hyena: emb_dim must be odd and >= 3 (time plus cos/sin bands), got "
+                     f"{emb_dim}")
   bands = (emb_dim - 1) // 2
   t = np.arange(length, dtype=np.float64)
   t_norm = t / max(max_length - 1, 1)
@@ -71,7 +72,7 @@ class Sine(nn.Module):
 
 
 class ImplicitFilter(nn.Module):
-  """The N Hyena filters h^n [taps, N, D] and their skip terms b [N, D] (see the module docstring)."""
+  """The N Hyena filters h^n [taps, N, D] and their skip terms b [N, D] (module docstring)."""
 
   d_model: int
   order: int

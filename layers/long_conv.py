@@ -97,8 +97,8 @@ def direct_conv(u: Array, k: Array, *, causal: bool = True, segment_ids: Array |
   u: [batch, T, channels]; k as in `fft_conv` with a shared kernel ([klen, channels] causal, odd
   [2M-1, channels] non-causal); segment_ids: [batch, T] int. context: [batch, K, channels] inputs
   that precede u (a streaming history; causal only), with context_segment_ids [batch, K]. With
-  x = concat(context, u) and sid = concat(context_segment_ids, segment_ids) (positions p = 0..K+T-1),
-  the output at the position p = K + t of u's token t is
+  x = concat(context, u) and sid = concat(context_segment_ids, segment_ids) (positions
+  p = 0..K+T-1), the output at the position p = K + t of u's token t is
 
     causal:      y_t = sum_{0 <= p-q < klen}   k[p-q]       x_q [sid_q == sid_p]
     non-causal:  y_t = sum_{|p-q| <= M-1}      k[p-q + M-1] x_q [sid_q == sid_p]

@@ -1,5 +1,5 @@
-"""Decoding an LM: prefill the prompt through the caches in one parallel chunk, then sample one token
-at a time (greedy, temperature, top-k, top-p), all inside one jitted function.
+"""Decoding an LM: prefill the prompt through the caches in one parallel chunk, then sample one
+token at a time (greedy, temperature, top-k, top-p), all inside one jitted function.
 
 Memory per generated token is constant for recurrent and sliding-window mixers: their caches have a
 fixed size. Global attention keeps a buffer up to its configured maximum length; long convolutions
@@ -38,7 +38,8 @@ def sample_logits(logits: Array, rng: Array, *, temperature: float = 0.0, top_k:
     # Keep a token if the probability of the tokens strictly before it is below top_p, so the
     # most likely token always stays.
     keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
     logits = jnp.where(keep, logits, -jnp.inf)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 

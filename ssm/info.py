@@ -14,7 +14,8 @@ import ml_collections
 from ssm import model as model_lib
 
 
-def parameter_shapes(config: ml_collections.ConfigDict, *, num_outputs: int, vocab_size: int) -> Any:
+def parameter_shapes(config: ml_collections.ConfigDict, *, num_outputs: int,
+                     vocab_size: int) -> Any:
   """The model's parameter tree as ShapeDtypeStructs."""
   model = model_lib.build_model(config.model, num_outputs=num_outputs, vocab_size=vocab_size)
   length = min(int(config.data.seq_len), 16)
@@ -55,17 +56,15 @@ def describe(config: ml_collections.ConfigDict, *, num_outputs: int, vocab_size:
            f"{config.model.pattern!r}, d_model {config.model.d_model}, compute {config.model.dtype}"
            f"{', layers scanned' if config.model.scan_layers else ''}"]
   for n, r in enumerate(rows):
-    lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+    lines.append("  ".join(cells))
     if n == 0:
       lines.append("  ".join("-" * w for w in widths))
-  lines.append(f"embedding {embed:,}; head {head:,}; blocks {total - embed - head - _final_norm(params):,}")
+  blocks = total - embed - head - _count(params.get("final_norm", {}))
+  lines.append(f"embedding {embed:,}; head {head:,}; blocks {blocks:,}")
   lines.append(f"total parameters {total:,} ({total / 1e6:.1f}M); without the embedding "
                f"{total - embed:,} ({(total - embed) / 1e6:.1f}M)")
   return "\n".join(lines)
-
-
-def _final_norm(params: Any) -> int:
-  return _count(params.get("final_norm", {}))
 
 
 def parameter_count(config: ml_collections.ConfigDict, *, num_outputs: int, vocab_size: int) -> int:

@@ -1,7 +1,7 @@
 """Hybrid sequence models: a group of residual blocks given by a pattern, repeated.
 
     inputs [batch, length] tokens (or [batch, length, d_input] features)
-      -> embedding (nn.Embed, or a linear encoder for continuous inputs)     [batch, length, d_model]
+      -> embedding (nn.Embed, or a linear encoder for continuous inputs)  [batch, length, d_model]
       -> n_groups x (the group: one residual block per pattern entry)
       -> final norm (pre-norm models only: post-norm blocks end normalised)
       -> head: classifier  = pooling over real tokens (mean or last) + Dense  [batch, num_classes]
@@ -124,9 +124,11 @@ class SequenceModel(nn.Module):
       self.embed = nn.Dense(self.d_model, dtype=dtype)
     group_cls = BlockGroup
     if self.remat != "none":
-      group_cls = nn.remat(group_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+      group_cls = nn.remat(group_cls, policy=REMAT_POLICIES[self.remat],
+                           prevent_cse=not self.scan_layers)
     if self.scan_layers:
-      stack = nn.scan(group_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      stack = nn.scan(group_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=self.n_groups)
       self.groups = stack(self.group, self.d_model, self.norm, self.prenorm, self.dropout,
                           self.mlp_activation, self.deterministic, name="groups")
@@ -156,7 +158,8 @@ class SequenceModel(nn.Module):
     else:
       new_cache = []
       for g, group in enumerate(self.groups):
-        x, c = group(x, keep, segment_ids, None if cache is None else jax.tree.map(lambda a: a[g], cache))
+        group_cache = None if cache is None else jax.tree.map(lambda a: a[g], cache)
+        x, c = group(x, keep, segment_ids, group_cache)
         new_cache.append(c)
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
     if self.final_norm is not None:
@@ -203,7 +206,7 @@ def layer_specs(model_cfg: ml_collections.ConfigDict) -> tuple[LayerSpec, ...]:
 
 def build_model(model_cfg: ml_collections.ConfigDict, *, num_outputs: int, vocab_size: int = 0,
                 deterministic: bool = True) -> SequenceModel:
-  """The model a validated config describes (see ssm.config). vocab_size > 0 selects token inputs."""
+  """The model a validated config describes (see ssm.config); vocab_size > 0: token inputs."""
   group = layer_specs(model_cfg)
   return SequenceModel(
       group=group, n_groups=model_cfg.n_layers // len(group), d_model=model_cfg.d_model,

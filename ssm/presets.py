@@ -3,20 +3,20 @@ parameters (with a 50304-token vocabulary), plus a `tiny` size for tests.
 
     model_preset("gdn_h1", "350m") -> dict for `ssm.config.build(model=...)`
 
-| preset        | one group of the pattern                          | follows                          |
-|---------------|---------------------------------------------------|----------------------------------|
-| transformer   | global attention + MLP                            | Llama-style baseline             |
-| mamba         | Mamba (no MLP)                                    | Mamba-1 baseline                 |
-| mamba2_hybrid | 5 x Mamba-2 (no MLP), global attention + MLP      | Mamba-2 hybrids with a few global attention layers |
-| gdn_h1        | Gated DeltaNet + MLP, sliding-window attn + MLP   | Gated DeltaNet-H1                |
-| samba         | Mamba + MLP, sliding-window attention + MLP       | Samba                            |
-| griffin       | 2 x recurrent + MLP, local attention + MLP        | Griffin (Mamba-2 in place of its RG-LRU) |
-| hyena         | Hyena + MLP                                       | Hyena                            |
+    preset         one group of the pattern                       follows
+    transformer    global attention + MLP                         a Llama-style baseline
+    mamba          Mamba (no MLP)                                 the Mamba-1 baseline
+    mamba2_hybrid  5 x Mamba-2 (no MLP), global attention + MLP   Mamba-2 + a few attention layers
+    gdn_h1         Gated DeltaNet + MLP, sliding-window attn+MLP  Gated DeltaNet-H1
+    samba          Mamba + MLP, sliding-window attention + MLP    Samba
+    griffin        2 x recurrent + MLP, local attention + MLP     Griffin (Mamba-2 for its RG-LRU)
+    hyena          Hyena + MLP                                    Hyena
 
 Sizes: d_model 768 / 1024 / 2048 with a layer count chosen per preset so that the total (with
-the embedding tied to the LM head) lands near the nominal size (`python -m ssm info --config experiments/lm/preset.py:<preset>-<size>` prints
-the exact count). MLPs are SwiGLU with hidden size 8/3 d_model (rounded to a multiple of 64), so
-an attention + MLP block has about 12 d_model^2 parameters, as a classic Transformer layer.
+the embedding tied to the LM head) lands near the nominal size
+(`python -m ssm info --config experiments/lm/preset.py:<preset>-<size>` prints the exact count).
+MLPs are SwiGLU with hidden size 8/3 d_model (rounded to a multiple of 64), so an attention + MLP
+block has about 12 d_model^2 parameters, as a classic Transformer layer.
 """
 
 from __future__ import annotations

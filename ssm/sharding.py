@@ -43,7 +43,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict | dict | None, num_devices: int) -> dict[str, int]:
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict | dict | None,
+               num_devices: int) -> dict[str, int]:
   """{axis: size} for MESH_AXES from `mesh_cfg` (missing axes: 1; one axis may be -1 = the rest).
 
   Raises ConfigError naming the field when the sizes do not multiply to num_devices.
@@ -91,7 +92,8 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) ->
     kept = []
     for axis in axes:
       size = mesh.shape[axis]
-      if size > 1 and axis not in used and dim % (math.prod(mesh.shape[a] for a in kept) * size) == 0:
+      ways = math.prod(mesh.shape[a] for a in kept) * size
+      if size > 1 and axis not in used and dim % ways == 0:
         kept.append(axis)
     used.update(kept)
     parts.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))

@@ -1,7 +1,9 @@
-"""The model presets of `ssm.presets` as experiment configs: `--config experiments/lm/preset.py:<name>-<size>`,
-e.g. `python -m ssm info --config experiments/lm/preset.py:gdn_h1-350m`.
+"""The model presets of `ssm.presets` as experiment configs:
+`--config experiments/lm/preset.py:<name>-<size>`, e.g.
+`python -m ssm info --config experiments/lm/preset.py:gdn_h1-350m`.
 
-Names: transformer, mamba, mamba2_hybrid, gdn_h1, samba, griffin, hyena; sizes: tiny, 125m, 350m, 1.3b.
+Names: transformer, mamba, mamba2_hybrid, gdn_h1, samba, griffin, hyena;
+sizes: tiny, 125m, 350m, 1.3b.
 Only the model section is set here: the data section is the default (ListOps) until the LM corpora
 exist, so these configs are for `info` and for the hybrid-model tests.
 """

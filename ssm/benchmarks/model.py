@@ -17,7 +17,8 @@ from ssm.bench import Row, int_list, register
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--compile-preset", default="samba",
-                      help=f"model preset at size tiny (default samba; one of {', '.join(presets.PRESETS)})")
+                      help="model preset, at size tiny (default samba; one of "
+                           f"{', '.join(presets.PRESETS)})")
   parser.add_argument("--compile-depths", type=int_list, nargs="+", default=[[4, 48]],
                       help="numbers of blocks to compile (default 4,48)")
 

@@ -168,7 +168,8 @@ def test_gradients_match_finite_differences():
 def test_kernel_dropout_zeroes_taps_and_rescales_the_rest():
   m, p, x = make(length=24, kernel_dropout=0.5, deterministic=False, squash_lambda=0.0)
   raw = p["params"]["long_kernel"]
-  kept = np.asarray(m.apply(p, raw, method=LongConv.regularise, rngs={"dropout": jax.random.key(1)}))
+  kept = np.asarray(m.apply(p, raw, method=LongConv.regularise,
+                            rngs={"dropout": jax.random.key(1)}))
   raw = np.asarray(raw)
   dropped = kept == 0
   assert 0.35 < dropped.mean() < 0.65

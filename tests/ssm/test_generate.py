@@ -55,8 +55,9 @@ def test_cli_generate_from_the_initial_parameters(tmp_path):
                "--config.data.num_val=20", "--config.data.num_test=20",
                "--config.data.min_length=5", "--config.data.max_length=40",
                "--config.data.max_depth=3"]
-  base = [sys.executable, "-m", "ssm", "generate", "--config", "experiments/lm/preset.py:samba-tiny",
-          "--workdir", str(tmp_path / "run"), "--prompt-tokens", "5,6,7", "--max-new-tokens", "4"]
+  base = [sys.executable, "-m", "ssm", "generate",
+          "--config", "experiments/lm/preset.py:samba-tiny", "--workdir", str(tmp_path / "run"),
+          "--prompt-tokens", "5,6,7", "--max-new-tokens", "4"]
   proc = subprocess.run(base + overrides, capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 1 and "no checkpoint" in proc.stderr
   proc = subprocess.run(base + overrides + ["--random-init"], capture_output=True, text=True,

@@ -76,8 +76,8 @@ HYBRID = dict(
 
 
 def test_train_step_is_the_same_on_every_mesh(tmp_path):
-  script = _MESH_SCRIPT.format(root=str(ROOT), tfds=str(tmp_path / "tfds"), ckpt=str(tmp_path / "ckpt"),
-                               hybrid=HYBRID, meshes=MESHES)
+  script = _MESH_SCRIPT.format(root=str(ROOT), tfds=str(tmp_path / "tfds"),
+                               ckpt=str(tmp_path / "ckpt"), hybrid=HYBRID, meshes=MESHES)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                         cwd=ROOT, timeout=1200)
