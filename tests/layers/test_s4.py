@@ -319,17 +319,10 @@ def test_conv_equals_streaming_token_and_chunk(disc):
     assert rel(cache["state"][:, hh], np.concatenate([half.real, half.imag], -1)) < 1e-5
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def jacobian(m, params, x, segment_ids=None):
-  """[i, j] = max over channels of |d y[0, i] / d x[0, j]| (first example of the batch)."""
-  jac = jax.jacrev(lambda xx: m.apply(params, xx, segment_ids=segment_ids)[0])(x)
-  return jnp.abs(jac[0, :, :, 0]).max(axis=(1, 3))
-
-
 def test_causality():
   m, params, x = make(seed=4)
   for seg in (None, jnp.zeros((2, L), jnp.int32)):
-    jac = np.asarray(jacobian(m, params, x, seg))
+    jac = np.asarray(mixer_testing.max_jacobian(m, params, x, seg))
     future = jac[np.triu_indices(L, 1)]
     if seg is None:
       # FFT round-off only: the kernel and the convolution are zero-padded, no wrap-around.
@@ -339,46 +332,23 @@ def test_causality():
     assert (np.diag(jac) > 0).all() and (jac[np.tril_indices(L, -1)] > 0).all()
 
 
-CUTS = (6, 11)
-
-
-def two_documents():
-  pos = np.arange(L)[None]
-  return jnp.asarray(np.where(pos < np.array(CUTS)[:, None], 4, 9), jnp.int32)
-
-
 def separate_reference(params, x, bidirectional=False):
-  rows = []
-  for b, cut in enumerate(CUTS):
-    xb = x[b:b + 1]
-    rows.append(np.concatenate([numpy_layer(params, xb[:, :cut], bidirectional),
-                                numpy_layer(params, xb[:, cut:], bidirectional)], 1))
-  return np.concatenate(rows, 0)
+  return mixer_testing.separate_documents(lambda xd: numpy_layer(params, xd, bidirectional), x)
 
 
 def test_segment_resets_packing_equals_separate_documents():
   m, params, x = make(seed=5)
-  seg = two_documents()
-  ref = separate_reference(params, x)
-  y_packed, _ = apply(m, params, x, seg)
-  assert rel(y_packed, ref) < 1e-5
   # Chunks crossing the boundaries (6, 11), chunks starting exactly on them, token by token.
-  for sizes in ([5, 5, 5, 1], [1, 5, 5, 5], [1] * L):
-    y_s, cache = stream(m, params, x, sizes, segment_ids=seg)
-    assert rel(y_s, ref) < 1e-5
-    assert (np.asarray(cache["segment_id"]) == 9).all()
-  assert rel(y_packed[0, CUTS[0]:], apply(m, params, x)[0][0, CUTS[0]:]) > 1e-2
+  mixer_testing.check_packed_and_streamed(apply, stream, m, params, x, separate_reference(params, x),
+                                          ([5, 5, 5, 1], [1, 5, 5, 5], [1] * L))
 
 
 def test_bidirectional_segments_and_no_streaming():
   m, params, x = make(seed=6, bidirectional=True)
-  seg = two_documents()
+  seg = mixer_testing.two_documents(L)
   y_packed, _ = apply(m, params, x, seg)
   assert rel(y_packed, separate_reference(params, x, True)) < 1e-5
-  jac = np.asarray(jacobian(m, params, x, seg))
-  cut = CUTS[0]
-  assert jac[:cut, cut:].max() == 0.0 and jac[cut:, :cut].max() == 0.0
-  assert jac[:cut, :cut].min() > 0 and jac[cut:, cut:].min() > 0  # anti-causal part is live
+  mixer_testing.check_documents_do_not_mix(m, params, x, seg)
   with pytest.raises(ValueError, match="streaming.*needs a causal layer"):
     m.init_cache(2, jnp.float32)
   cache = S4(d_model=H, d_state=NSTATE).init_cache(2, jnp.float32)

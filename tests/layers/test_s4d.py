@@ -370,13 +370,6 @@ def apply(m, params, x, segment_ids=None, cache=None):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def jacobian(m, params, x, segment_ids=None):
-  """[i, j] = max over channels of |d y[0, i] / d x[0, j]| (first example of the batch)."""
-  jac = jax.jacrev(lambda xx: m.apply(params, xx, segment_ids=segment_ids)[0])(x)
-  return jnp.abs(jac[0, :, :, 0]).max(axis=(1, 3))
-
-
-@functools.partial(jax.jit, static_argnums=0)
 def grads(m, params, x, cot, segment_ids=None):
   """(loss, (d loss / d params, d loss / d x)) for loss = sum(y * cot)."""
   def loss(p, xx):
@@ -668,7 +661,7 @@ def test_every_parameter_gradient_matches_finite_differences_float64(opts):
 def test_causality():
   m, params, x = make(seed=4)
   for seg in (None, jnp.zeros((2, L), jnp.int32)):
-    jac = np.asarray(jacobian(m, params, x, seg))
+    jac = np.asarray(mixer_testing.max_jacobian(m, params, x, seg))
     future = jac[np.triu_indices(L, 1)]
     if seg is None:
       # The FFT path mixes all positions in floating point; no true wrap-around means the
@@ -679,50 +672,26 @@ def test_causality():
     assert (np.diag(jac) > 0).all() and (jac[np.tril_indices(L, -1)] > 0).all()
 
 
-CUTS = (6, 11)  # document boundary of each batch row
-
-
-def two_documents():
-  """[2, L] segment ids: row b holds document 4 up to CUTS[b], then document 9."""
-  pos = np.arange(L)[None]
-  return jnp.asarray(np.where(pos < np.array(CUTS)[:, None], 4, 9), jnp.int32)
-
-
 def separate_reference(params, x, bidirectional=False, **opts):
   """numpy_layer run on each document on its own, concatenated back."""
-  rows = []
-  for b, cut in enumerate(CUTS):
-    xb = x[b:b + 1]
-    rows.append(np.concatenate([numpy_layer(params, xb[:, :cut], bidirectional, **opts),
-                                numpy_layer(params, xb[:, cut:], bidirectional, **opts)], 1))
-  return np.concatenate(rows, 0)
+  return mixer_testing.separate_documents(
+      lambda xd: numpy_layer(params, xd, bidirectional, **opts), x)
 
 
 def test_segment_resets_packing_equals_separate_documents():
   m, params, x = make(seed=5)
-  seg = two_documents()
-  y_packed, _ = apply(m, params, x, seg)
-  ref = separate_reference(params, x)
-  assert rel(y_packed, ref) < 1e-5
   # Through the streaming cache: chunks crossing a boundary, starting exactly on one (row 0 at 6
   # in the second schedule), and token by token.
-  for sizes in ([5, 2, 1, 3, 5], [3, 3, 5, 5], [1] * L):
-    y_s, cache = stream(m, params, x, sizes, segment_ids=seg)
-    assert rel(y_s, ref) < 1e-5
-    assert (np.asarray(cache["segment_id"]) == 9).all()
-  # Without the reset the second documents would differ: the test can fail.
-  assert rel(y_packed[0, CUTS[0]:], apply(m, params, x)[0][0, CUTS[0]:]) > 1e-2
+  mixer_testing.check_packed_and_streamed(apply, stream, m, params, x, separate_reference(params, x),
+                                          ([5, 2, 1, 3, 5], [3, 3, 5, 5], [1] * L))
 
 
 def test_bidirectional_segments_equal_separate_documents():
   m, params, x = make(seed=6, bidirectional=True)
-  seg = two_documents()
+  seg = mixer_testing.two_documents(L)
   y_packed, _ = apply(m, params, x, seg)
   assert rel(y_packed, separate_reference(params, x, True)) < 1e-5
-  jac = np.asarray(jacobian(m, params, x, seg))
-  cut = CUTS[0]
-  assert jac[:cut, cut:].max() == 0.0 and jac[cut:, :cut].max() == 0.0
-  assert jac[:cut, :cut].min() > 0 and jac[cut:, cut:].min() > 0  # anti-causal part is live
+  mixer_testing.check_documents_do_not_mix(m, params, x, seg)
 
 
 def test_bidirectional_cannot_stream():
