@@ -17,8 +17,10 @@ Documents. `window_attention` takes `segment_ids` [batch, length]: a change of i
 neighbouring tokens starts a new document (ids are compared as runs, so ids [0, 1, 0] are three
 documents, as for every other mixer). `prefix_window_attention` is the general form the KV cache
 uses: keys [batch, Lk] of which the queries are the last Lq (query i sits at key index
-Lk - Lq + i; the first Lk - Lq keys are a cached prefix), and explicit document numbers per
-query and per key compared for equality; a key whose number is negative is never visible.
+Lk - Lq + i; the first Lk - Lq keys are a cached prefix), or any Lq consecutive ones (query i at
+key index q_offset + i: a shard of the sequence between the keys before and after it), and
+explicit document numbers per query and per key compared for equality; a key whose number is
+negative is never visible.
 
 Implementations (`impl=`):
   reference  dense scores [batch, heads, Lq, Lk] under the mask: the spec, O(Lq Lk) memory.
@@ -31,9 +33,15 @@ Implementations (`impl=`):
              scores from the saved log-sum-exp (flash-attention 2), so training memory is O(L)
              besides one band's [L, B] scores. Global attention (or a window spanning every key
              block) visits every (query block, key block) pair once, masking the causal half.
-  auto       xla, except when all queries fit in one block (Lq <= block_size, e.g. decoding one
-             token from a cache): then the dense form does the same work without padding the
-             queries to a block. (The Pallas kernel of layers/pallas/ will be chosen here first.)
+  pallas     the flash-attention kernels of `layers.pallas.attention` (forward and backward;
+             Triton on GPU, Mosaic on TPU, interpret mode on CPU): the xla form's visiting of
+             in-window key blocks only, with the blocks in on-chip memory. Under a mesh it runs
+             inside shard_map over batch and heads (`layers.pallas.dispatch.on_mesh`).
+  auto       when all queries fit in one block (Lq <= block_size, e.g. decoding one token from a
+             cache) the dense form, which does the same work without padding the queries to a
+             block: decode stays off the kernel, since a single query row gains nothing from a
+             flash kernel's tiling. Otherwise pallas on GPU/TPU where the kernel's `supports`
+             holds, else xla (`layers.pallas.dispatch.resolve`).
 """
 
 from __future__ import annotations
@@ -47,12 +55,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from layers import sequence_parallel as sp
 from layers.blocks import RMSNorm, apply_rope
+from layers.pallas import dispatch
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
 
 class _Config(NamedTuple):
@@ -61,6 +71,7 @@ class _Config(NamedTuple):
   softcap: float | None
   scale: float
   block_size: int
+  q_offset: int  # the key index of query 0
 
 
 def _compute_dtype(*arrays: Array) -> jnp.dtype:
@@ -99,7 +110,7 @@ def _reference(q, k, v, q_docs, kv_docs, cfg: _Config) -> Array:
   dtype = _compute_dtype(q, k, v)
   qg = q.astype(dtype).reshape(batch, lq, kv_heads, heads // kv_heads, q.shape[-1])
   s, _ = _logits(qg, k.astype(dtype), cfg, "bqgrd,bkgd->bgrqk")  # [b, G, R, Lq, Lk]
-  mask = _visible(jnp.arange(lk - lq, lk), jnp.arange(lk), q_docs, kv_docs, cfg.window,
+  mask = _visible(cfg.q_offset + jnp.arange(lq), jnp.arange(lk), q_docs, kv_docs, cfg.window,
                   cfg.causal)  # [b, Lq, Lk]
   s = jnp.where(mask[:, None, None], s, -jnp.inf)
   # Softmax is shift-invariant: the max only keeps exp in range and needs no gradient. A row with
@@ -138,9 +149,9 @@ def _layout(lq: int, lk: int, cfg: _Config) -> _Layout:
     after = 0 if cfg.causal else cfg.window - 1
     n_bands = -(-(before + after + bs) // bs)
     if n_bands < nbk:
-      # Query block c holds key indices P + cB + [0, B) (P = lk - lq); its window reaches back
+      # Query block c holds key indices P + cB + [0, B) (P = q_offset); its window reaches back
       # `before` keys and ahead `after` keys: a span starting at P - before + cB.
-      return _Layout(nbq, n_bands, lk - lq - before, (n_bands + nbq - 1) * bs, 1)
+      return _Layout(nbq, n_bands, cfg.q_offset - before, (n_bands + nbq - 1) * bs, 1)
   # Every pair once: the key blocks twice in a row, so (c + m) mod nbk runs over all blocks.
   return _Layout(nbq, nbk, 0, nbk * bs, 2)
 
@@ -166,7 +177,7 @@ def _band_setup(q, k, v, q_docs, kv_docs, cfg: _Config):
   qb = qb.reshape(batch, nbq, bs, kv_heads, heads // kv_heads, d)
   # Padded queries belong to no document: they see nothing and output 0.
   qdoc = jnp.pad(q_docs, [(0, 0), (0, pad)], constant_values=-1).reshape(batch, nbq, bs)
-  qpos = jnp.asarray((lk - lq + np.arange(nbq * bs)).reshape(nbq, bs))
+  qpos = jnp.asarray((cfg.q_offset + np.arange(nbq * bs)).reshape(nbq, bs))
   source = lambda x, fill=0: jnp.concatenate([_shift(x, lay.offset, lay.run, fill)] * lay.copies,
                                              axis=1)
   sources = (source(k.astype(dtype)), source(v.astype(dtype)), source(kv_docs, -1),
@@ -321,35 +332,58 @@ def _check(q, k, v, q_docs, kv_docs, window, softcap, scale, block_size, name):
 def prefix_window_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, q_docs: ArrayLike,
                             kv_docs: ArrayLike, window: int | None = None, causal: bool = True,
                             softcap: float | None = None, scale: float | None = None,
-                            impl: str = "auto", block_size: int = 128) -> Array:
-  """Attention of the last Lq of Lk positions over all Lk (see the module docstring).
+                            impl: str = "auto", block_size: int = 128,
+                            q_offset: int | None = None) -> Array:
+  """Attention of the last Lq of Lk positions (or of Lq from q_offset on) over all Lk (see the
+  module docstring).
 
   Args:
-    q: [batch, Lq, heads, head_dim]; query i sits at key index Lk - Lq + i.
+    q: [batch, Lq, heads, head_dim]; query i sits at key index q_offset + i.
     k: [batch, Lk, kv_heads, head_dim], Lk >= Lq, heads % kv_heads == 0.
     v: [batch, Lk, kv_heads, v_dim].
     q_docs, kv_docs: [batch, Lq] and [batch, Lk] int document numbers; key j is visible from
       query i only if kv_docs[j] == q_docs[i] and kv_docs[j] >= 0 (negative: an empty slot).
     window, causal: the visible span by key index (module docstring); window=None is global.
     softcap: optional logit soft-cap; scale: logit scale, default head_dim^-1/2.
-    impl: "reference" | "xla" | "auto"; block_size: the xla form's block of queries and keys.
+    impl: "reference" | "xla" | "pallas" | "auto" (module docstring); block_size: the xla
+      form's block of queries and keys, and the query count up to which "auto" takes the dense
+      form (the kernel picks its own blocks).
+    q_offset: static int in [0, Lk - Lq], the key index of query 0; None: Lk - Lq (the queries
+      are the last keys).
   Returns:
     [batch, Lq, heads, v_dim] in q's dtype.
   """
   name = "prefix_window_attention"
   q, k, v, q_docs, kv_docs, scale = _check(q, k, v, q_docs, kv_docs, window, softcap, scale,
                                            block_size, name)
+  lq, lk = q.shape[1], k.shape[1]
+  if q_offset is None:
+    q_offset = lk - lq
+  if not isinstance(q_offset, (int, np.integer)) or not 0 <= q_offset <= lk - lq:
+    raise ValueError(f"{name}: q_offset must be a static int in [0, Lk - Lq] = [0, {lk - lq}], "
+                     f"got {q_offset!r}")
   cfg = _Config(None if window is None else int(window), bool(causal),
-                None if softcap is None else float(softcap), scale, int(block_size))
-  if impl == "auto":
-    # The Pallas kernel (layers/pallas/) is to be tried first here, where it supports the call.
-    impl = "reference" if q.shape[1] <= block_size else "xla"
+                None if softcap is None else float(softcap), scale, int(block_size),
+                int(q_offset))
+  from layers.pallas import attention as kernel  # here: the kernel module imports this one
+
+  kw = dict(window=cfg.window, causal=cfg.causal, softcap=cfg.softcap, scale=scale,
+            q_offset=cfg.q_offset)
+  if impl == "auto" and lq <= block_size:
+    impl = "reference"  # one block of queries (decode): the dense form, never the kernel
+  else:
+    impl = dispatch.resolve(name, impl, lambda: kernel.supports(q, k, v, q_docs, kv_docs, **kw),
+                            IMPLEMENTATIONS)
   if impl == "reference":
     return _reference(q, k, v, q_docs, kv_docs, cfg)
   if impl == "xla":
     return _blocked(q, k, v, q_docs, kv_docs, cfg)
-  raise ValueError(f"{name}: impl must be one of {list(IMPLEMENTATIONS) + ['auto']}, got "
-                   f"{impl!r}")
+  # Under a mesh: batch over data/fsdp, query and kv heads over tensor (whole GQA groups).
+  run = lambda q, k, v, q_docs, kv_docs: (kernel.prefix_window_attention_pallas(
+      q, k, v, q_docs=q_docs, kv_docs=kv_docs, **kw),)
+  heads, rows = (0, 2), (0, None)
+  return dispatch.on_mesh(run, (q, k, v, q_docs, kv_docs), (heads, heads, heads, rows, rows),
+                          (heads,), batch=q.shape[0], heads=[q.shape[2], k.shape[2]])[0]
 
 
 def documents(segment_ids: ArrayLike, previous: ArrayLike | None = None) -> Array:
@@ -379,7 +413,7 @@ def window_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, window: int | 
     segment_ids: optional [batch, length] int document ids.
     softcap: optional soft-cap c of the logits, s -> c tanh(s / c).
     scale: logit scale, default head_dim^-1/2.
-    impl: "reference" | "xla" | "auto" (module docstring).
+    impl: "reference" | "xla" | "pallas" | "auto" (module docstring).
     block_size: query and key block of the xla form (any length; it is padded).
   Returns:
     [batch, length, heads, v_dim] in q's dtype; the softmax runs in float32 (float64 inputs:
@@ -417,6 +451,63 @@ def _check_no_overflow(next_position: Any, max_length: int) -> None:
                      "sliding window")
 
 
+def _shard_documents(segment_ids: Array | None, batch: int, length: int,
+                     axis: str) -> tuple[Array, Array]:
+  """Document numbers and RoPE positions of this shard's T tokens as the whole sequence gives them
+  (`documents(all segment ids)`, and t minus the index of the token opening t's document), both
+  [batch, T] int32: the id changes inside the shard counted on top of those of the shards before
+  it, and the last document start before it. Only the left neighbour's last id and two [batch]
+  ints per shard travel."""
+  t = sp.shard_index(axis) * length + jnp.arange(length, dtype=jnp.int32)
+  if segment_ids is None:
+    return jnp.zeros((batch, length), jnp.int32), jnp.broadcast_to(t, (batch, length))
+  ids = segment_ids.astype(jnp.int32)
+  before = sp.from_previous_shards(ids[:, -1:], 1, axis)
+  opened = (ids != jnp.concatenate([before, ids[:, :-1]], axis=1)) & (t > 0)
+  count = jnp.cumsum(opened, axis=1, dtype=jnp.int32)
+  start = lax.cummax(jnp.where(opened, t, 0), axis=1)
+  earlier = (jnp.arange(sp.axis_size(axis)) < sp.shard_index(axis))[:, None]  # [n, 1]
+  counts = lax.all_gather(count[:, -1], axis)  # [n, batch]
+  starts = lax.all_gather(start[:, -1], axis)
+  docs = count + jnp.sum(jnp.where(earlier, counts, 0), axis=0)[:, None]
+  start = jnp.maximum(start, jnp.max(jnp.where(earlier, starts, 0), axis=0)[:, None])
+  return docs, t - start
+
+
+def _shard_attention(q: Array, k: Array, v: Array, docs: Array, axis: str, attend: Any,
+                     window: int | None, causal: bool) -> Array:
+  """This shard's queries [batch, T, heads, head_dim] over the keys of the whole sequence their
+  window reaches (k, v, docs: this shard's, k after RoPE), by `attend` (prefix_window_attention)
+  with the queries at key index `before` of the span [iT - before, (i + 1) T + after):
+
+    window w:              before = w - 1 (at most (n - 1) T), after = 0 if causal else
+                           before: only those keys travel, from the neighbours
+                           (`from_previous_shards`, `from_next_shards`)
+    causal, global:        gathered keys, before = (n - 1) T, after = 0
+    bidirectional, global: the gathered keys as they are (no position enters the mask)
+
+  Keys outside the sequence are zeros in document -1: never visible.
+  """
+  n, length = sp.axis_size(axis), q.shape[1]
+  reach = (n - 1) * length if window is None else min(window - 1, (n - 1) * length)
+  before, after = reach, (0 if causal else reach)
+  if window is not None:
+    span = lambda x, fill: jnp.concatenate(
+        [sp.from_previous_shards(x, before, axis, fill=fill), x,
+         sp.from_next_shards(x, after, axis, fill=fill)], axis=1)
+  elif causal:
+    def span(x, fill):
+      whole = jnp.pad(sp.gather_sequence(x, axis), [(0, 0), (before, 0)] +
+                      [(0, 0)] * (x.ndim - 2), constant_values=fill)
+      return lax.dynamic_slice_in_dim(whole, sp.shard_index(axis) * length, before + length,
+                                      axis=1)
+  else:
+    before = None
+    span = lambda x, fill: sp.gather_sequence(x, axis)
+  return attend(q, span(k, 0), span(v, 0), q_docs=docs, kv_docs=span(docs, -1),
+                q_offset=before)
+
+
 class Attention(nn.Module):
   """Multi-head attention mixer: [batch, length, d_model] -> [batch, length, d_model].
 
@@ -426,6 +517,11 @@ class Attention(nn.Module):
   num_heads query heads share num_kv_heads key/value heads (GQA; MQA with 1). QK-norm (optional)
   is an RMSNorm over head_dim with one scale shared by the heads, applied before RoPE. RoPE
   positions count from 0 at the start of each document, so packing equals separate runs.
+
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard of the sequence, parallel
+  form only): RoPE positions and documents are those of the whole sequence; a sliding
+  window takes the w - 1 keys/values before the shard (and after it, if bidirectional) from the
+  neighbours, global attention gathers them (see `_shard_attention`).
 
   Streaming (causal only): the cache holds keys after RoPE, so they are never rotated again.
     window w:     {"k", "v": [batch, w, kv_heads, head_dim], the ring buffer: position p lives
@@ -466,6 +562,7 @@ class Attention(nn.Module):
   norm_eps: float = 1e-6
   impl: str = "auto"
   block_size: int = 128
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ()
 
@@ -515,6 +612,7 @@ class Attention(nn.Module):
     heads, kv_heads, head_dim = self._dims()
     if cache is not None and not self.causal:
       raise ValueError("Attention: streaming with a cache needs causal=True")
+    sp.check_parallel_form("Attention", self.seq_axis, cache)
     if segment_ids is not None and segment_ids.shape != (batch, length):
       raise ValueError(f"Attention: segment_ids must be [batch, length] = {(batch, length)}, "
                        f"got {segment_ids.shape}")
@@ -527,22 +625,25 @@ class Attention(nn.Module):
       k = RMSNorm(self.norm_eps, name="k_norm")(k)
 
     t = jnp.arange(length, dtype=jnp.int32)
-    if cache is None:
-      docs = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
-              else documents(segment_ids))
-      previous = None
+    if self.seq_axis is not None:
+      docs, positions = _shard_documents(segment_ids, batch, length, self.seq_axis)
     else:
-      previous = cache["segment_id"]
-      docs = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
-              else documents(segment_ids, previous))
-    # Position within the document: the cache's counter while the cached document goes on,
-    # else the distance to the token that opened the document inside this sequence.
-    opened = jnp.concatenate([jnp.zeros((batch, 1), bool) if previous is None
-                              else (docs[:, :1] > 0), docs[:, 1:] != docs[:, :-1]], axis=1)
-    start = lax.cummax(jnp.where(opened, t, 0), axis=1)
-    positions = t - start
-    if cache is not None:
-      positions = jnp.where(docs == 0, cache["position"][:, None] + t, positions)
+      if cache is None:
+        docs = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
+                else documents(segment_ids))
+        previous = None
+      else:
+        previous = cache["segment_id"]
+        docs = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
+                else documents(segment_ids, previous))
+      # Position within the document: the cache's counter while the cached document goes on,
+      # else the distance to the token that opened the document inside this sequence.
+      opened = jnp.concatenate([jnp.zeros((batch, 1), bool) if previous is None
+                                else (docs[:, :1] > 0), docs[:, 1:] != docs[:, :-1]], axis=1)
+      start = lax.cummax(jnp.where(opened, t, 0), axis=1)
+      positions = t - start
+      if cache is not None:
+        positions = jnp.where(docs == 0, cache["position"][:, None] + t, positions)
     if self.use_rope:
       q = apply_rope(q, positions, base=self.rope_base)
       k = apply_rope(k, positions, base=self.rope_base)
@@ -550,7 +651,10 @@ class Attention(nn.Module):
     attend = functools.partial(prefix_window_attention, window=self.window, causal=self.causal,
                                softcap=self.softcap, scale=self.scale, impl=self.impl,
                                block_size=self.block_size)
-    if cache is None:
+    if self.seq_axis is not None:
+      y, new_cache = _shard_attention(q, k, v, docs, self.seq_axis, attend, self.window,
+                                      self.causal), None
+    elif cache is None:
       y, new_cache = attend(q, k, v, q_docs=docs, kv_docs=docs), None
     else:
       y, new_cache = self._stream(q, k, v, docs, positions, segment_ids, cache, attend)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from layers import sequence_parallel
+
 Array = jax.Array
 
 
@@ -104,11 +106,14 @@ class ShortConv(nn.Module):
   {"inputs": [batch, K-1, channels] (the last K-1 inputs, zeroed where they belong to an earlier
   document than the last one), "segment_id": [batch] int32 (the last segment id seen; -1 for a
   fresh cache)}. `d_model` (channels) is only needed by `init_cache`; if given, x must match.
+  With `seq_axis` (see `layers.sequence_parallel`) x is one shard of the sequence and the K-1
+  inputs before it come from the shards to its left.
   """
 
   kernel_size: int = 4
   use_bias: bool = True
   d_model: int | None = None
+  seq_axis: str | None = None
 
   ssm_param_names = ()
 
@@ -136,17 +141,23 @@ class ShortConv(nn.Module):
                         jnp.float32)
 
     streaming = cache is not None
+    sequence_parallel.check_parallel_form("ShortConv", self.seq_axis, cache)
+    # past [batch, K-1, channels]: the inputs before x; past_ids [batch, K-1] their documents.
     if streaming:
-      past, past_id = cache["inputs"], cache["segment_id"]
+      past = cache["inputs"]
       if past.shape != (batch, km1, channels):
         raise ValueError(f"ShortConv cache['inputs'] has shape {past.shape}, expected "
                          f"{(batch, km1, channels)}")
+      past_ids = jnp.broadcast_to(cache["segment_id"][:, None], (batch, km1))
       if segment_ids is None:
-        segment_ids = jnp.broadcast_to(past_id[:, None], (batch, length))
+        segment_ids = jnp.broadcast_to(cache["segment_id"][:, None], (batch, length))
+    elif self.seq_axis is not None:
+      past = sequence_parallel.from_previous_shards(x, km1, self.seq_axis)
+      past_ids = (None if segment_ids is None else sequence_parallel.from_previous_shards(
+          segment_ids.astype(jnp.int32), km1, self.seq_axis, fill=-1))
     else:
       past = jnp.zeros((batch, km1, channels), x.dtype)
-      past_id = (jnp.full((batch,), -1, jnp.int32) if segment_ids is None
-                 else segment_ids[:, 0].astype(jnp.int32))
+      past_ids = jnp.full((batch, km1), -1, jnp.int32)
     xp = jnp.concatenate([past.astype(x.dtype), x], axis=1)  # [batch, K-1+length, channels]
 
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 x
@@ -154,7 +165,7 @@ class ShortConv(nn.Module):
     y = jnp.zeros((batch, length, channels), compute_dtype)
     if segment_ids is not None:
       segment_ids = segment_ids.astype(jnp.int32)
-      sp = jnp.concatenate([jnp.broadcast_to(past_id[:, None], (batch, km1)), segment_ids], 1)
+      sp = jnp.concatenate([past_ids, segment_ids], 1)
     for k in range(self.kernel_size):
       tap = xf[:, k:k + length]
       if segment_ids is not None:
@@ -299,7 +310,8 @@ class ResidualBlock(nn.Module):
   int(mlp_ratio * d_model)). `mixer` is a registry name (see `register_mixer`); `mixer_kwargs`
   is a mapping or a tuple of (name, value) pairs passed to the mixer constructor (tuples keep the
   module hashable). The call follows the mixer interface: `(x, *, segment_ids, cache) -> (y,
-  cache)`, the cache being the mixer's cache.
+  cache)`, the cache being the mixer's cache. `seq_axis` is passed to the mixer (sequence
+  parallelism, see `layers.sequence_parallel`); the norms and the MLP act per token.
   """
 
   d_model: int
@@ -311,13 +323,21 @@ class ResidualBlock(nn.Module):
   mlp_ratio: float = 0
   mlp_activation: str = "swiglu"
   deterministic: bool = True
+  seq_axis: str | None = None
 
   def _mixer_cls_and_kwargs(self) -> tuple[type[nn.Module], dict]:
     kwargs = _kwargs_dict(self.mixer_kwargs)
-    if "d_model" in kwargs:
-      raise ValueError("ResidualBlock.mixer_kwargs must not contain 'd_model' (it is "
-                       "ResidualBlock.d_model)")
-    return get_mixer(self.mixer), kwargs
+    for own in ("d_model", "seq_axis"):
+      if own in kwargs:
+        raise ValueError(f"ResidualBlock.mixer_kwargs must not contain {own!r} (it is "
+                         f"ResidualBlock.{own})")
+    cls = get_mixer(self.mixer)
+    if self.seq_axis is not None:
+      if "seq_axis" not in getattr(cls, "__dataclass_fields__", {}):
+        raise ValueError(f"mixer {self.mixer!r} ({cls.__name__}) has no seq_axis field, so it "
+                         "cannot run sequence-parallel")
+      kwargs["seq_axis"] = self.seq_axis
+    return cls, kwargs
 
   def setup(self):
     if self.norm not in _NORMS:

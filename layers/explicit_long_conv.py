@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers import long_conv
+from layers import long_conv, sequence_parallel
 from layers.ssm_layer import ACTIVATIONS, check_input, check_streamable
 
 Array = jax.Array
@@ -87,6 +87,13 @@ class LongConv(nn.Module):
       history by `direct_conv`, costing O(max_length * num_kernels * H) per token. A convolution
       has no smaller state; memory is constant in the number of tokens streamed. Past max_length
       tokens the stream goes on as the finite filter it is (taps beyond max_length are zero).
+
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard [batch, T, H] of a sequence
+  of L = n T tokens; parallel form only): an all-to-all switches to channel sharding, x ->
+  [batch, L, H/n] (`sequence_to_channels`, H must divide by n); the convolution, D, activation
+  and dropout run there with this shard's channels of the kernel (`channel_shard`) and the whole
+  sequence's segment ids (`gather_sequence`); the inverse all-to-all brings [batch, L, c, H/n]
+  back to [batch, T, c H] before out_proj. Needs L <= max_length.
   """
 
   d_model: int
@@ -102,6 +109,7 @@ class LongConv(nn.Module):
   activation: str = "gelu"
   block_size: int = 16  # query block of `direct_conv` (packed or streamed inputs)
   deterministic: bool = True
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ("long_kernel",)
 
@@ -131,16 +139,27 @@ class LongConv(nn.Module):
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"LongConv.activation must be one of {sorted(ACTIVATIONS)}; got "
                        f"{self.activation!r}")
+    sequence_parallel.check_parallel_form("LongConv", self.seq_axis, cache)
     batch, length, h = x.shape
     c = self.num_kernels
     k = self.regularise(self.param(
         "long_kernel", nn.initializers.normal(self.kernel_init_scale),
         (c * (2 if self.bidirectional else 1), self.max_length, h), jnp.float32))
     D = self.param("D", nn.initializers.normal(1.0), (c, h), jnp.float32)
-    # Every kernel sees every channel: channel (i, j) of the convolution is kernel i on x[..., j].
     dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32 compute (float64 for float64 x)
-    u = jnp.tile(x.astype(dtype), (1, 1, c))                             # [batch, L, c*H]
-    flat = lambda kk: kk.swapaxes(0, 1).reshape(kk.shape[1], c * h)      # [c, T, H] -> [T, c*H]
+    u = x.astype(dtype)
+    if self.seq_axis is not None:
+      # Channel sharding: [batch, T, H] -> [batch, L, H/n], the whole sequence of this shard's
+      # channels, with their slice of the kernel, D and the whole sequence's segment ids.
+      u = sequence_parallel.sequence_to_channels(u, self.seq_axis)
+      k = sequence_parallel.channel_shard(k, self.seq_axis)
+      D = sequence_parallel.channel_shard(D, self.seq_axis)
+      if segment_ids is not None:
+        segment_ids = sequence_parallel.gather_sequence(segment_ids, self.seq_axis)
+    length, hc = u.shape[1:]  # the whole length and the channels convolved here
+    # Every kernel sees every channel: channel (i, j) of the convolution is kernel i on x[..., j].
+    u = jnp.tile(u, (1, 1, c))                                           # [batch, L, c*hc]
+    flat = lambda kk: kk.swapaxes(0, 1).reshape(kk.shape[1], c * hc)     # [c, T, hc] -> [T, c*hc]
     new_cache = None
     if cache is None:
       if length > self.max_length:
@@ -164,9 +183,14 @@ class LongConv(nn.Module):
                                 context_segment_ids=cache["segment_ids"],
                                 block_size=self.block_size)
       new_cache = long_conv.keep_last(cache, x, segment_ids)
-    y = y + D.reshape(c * h) * u
+    y = y + D.reshape(c * hc) * u
     y = ACTIVATIONS[self.activation](y)
     y = nn.Dropout(self.dropout, deterministic=self.deterministic)(y)
+    if self.seq_axis is not None:
+      # Back to length sharding before out_proj mixes the channels: [batch, L, c, H/n] ->
+      # [batch, T, c, H], which keeps the channel order (i, j) of the unsharded layer.
+      y = sequence_parallel.channels_to_sequence(y.reshape(batch, length, c, hc), self.seq_axis)
+      y = y.reshape(batch, x.shape[1], c * h)
     z = nn.Dense(2 * h, dtype=x.dtype, name="out_proj")(y.astype(x.dtype))
     return (z[..., :h] * jax.nn.sigmoid(z[..., h:])).astype(x.dtype), new_cache
 

@@ -22,7 +22,12 @@ Implementations (`impl=`):
              unit-triangular inverse per chunk, matmuls within chunks, a short scan carrying the
              state across chunks. Memory linear in L (autodiff keeps one [dk, dv] state per
              chunk).
-  auto       xla. (A Pallas kernel, when it exists, goes first in `_auto_impl`.)
+  pallas     the Pallas kernels of layers/pallas/gated_delta.py (Triton on GPU, Mosaic on TPU,
+             the interpreter on CPU): the same chunked form, one program per (row, value head,
+             block of state columns) walking the chunks with the state on chip; the backward
+             recomputes each chunk from the states saved at chunk starts. float32 and bfloat16
+             inputs; ValueError naming the reason where unsupported.
+  auto       pallas on GPU/TPU where the kernel supports the call, else xla (`dispatch.resolve`).
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from layers import sequence_parallel
 from layers.blocks import RMSNorm, ShortConv
 from layers.mamba import dt_bias_init
+from layers.pallas import dispatch
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
 
 def _state_dtype(*arrays: Array) -> jnp.dtype:
@@ -296,13 +303,6 @@ def gated_delta_rule_chunked(q: ArrayLike, k: ArrayLike, v: ArrayLike, g: ArrayL
   return out.astype(out_dtype), final
 
 
-def _auto_impl(q: Array) -> str:
-  # The place for a Pallas kernel (layers/pallas/, a later issue): return "pallas" where it
-  # supports the platform, dtype and shapes; "xla" runs everywhere.
-  del q
-  return "xla"
-
-
 def gated_delta_rule(q: ArrayLike, k: ArrayLike, v: ArrayLike, g: ArrayLike, beta: ArrayLike, *,
                      scale: float | None = None, initial_state: ArrayLike | None = None,
                      segment_ids: ArrayLike | None = None, impl: str = "auto",
@@ -321,21 +321,33 @@ def gated_delta_rule(q: ArrayLike, k: ArrayLike, v: ArrayLike, g: ArrayLike, bet
     initial_state: optional [batch, heads_v, dim_k, dim_v] state before the first token (it
       reaches only the first document of each row).
     segment_ids: optional [batch, length] int document ids; a change of id drops the state.
-    impl: "reference" | "xla" | "auto" (= "xla").
-    chunk_size: chunk length of "xla" (lengths need not be multiples).
+    impl: "reference" | "xla" | "pallas" | "auto" ("pallas" on GPU/TPU where
+      `layers.pallas.gated_delta.supports` holds, else "xla").
+    chunk_size: chunk length of "xla" and "pallas" (lengths need not be multiples; "pallas"
+      needs a power of 2 in [16, 128]).
   Returns:
     out [batch, length, heads_v, dim_v] in v's dtype, final state [batch, heads_v, dim_k, dim_v]
     (float32, or float64 for float64 inputs).
   """
-  if impl == "auto":
-    impl = _auto_impl(q)
+  from layers.pallas import gated_delta as kernel  # here: the kernel module imports this one
+
+  def unsupported() -> str | None:
+    arrays = _check(q, k, v, g, beta, initial_state, segment_ids)
+    return kernel.supports(*arrays, chunk_size=chunk_size)
+
+  impl = dispatch.resolve("gated_delta_rule", impl, unsupported, IMPLEMENTATIONS)
   kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
   if impl == "reference":
     return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
-  if impl == "xla":
-    return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
-  raise ValueError(f"gated_delta_rule: impl must be one of {list(IMPLEMENTATIONS) + ['auto']}, "
-                   f"got {impl!r}")
+  if impl == "pallas":
+    # Under a mesh: batch over data/fsdp, q/k and value heads over tensor (whole GQA groups).
+    run = lambda q, k, v, g, beta, h0, ids: kernel.gated_delta_rule_pallas(
+        q, k, v, g, beta, chunk_size=chunk_size, scale=scale, initial_state=h0, segment_ids=ids)
+    heads = (0, 2)
+    return dispatch.on_mesh(run, (q, k, v, g, beta, initial_state, segment_ids),
+                            (heads, heads, heads, heads, heads, (0, 1), (0, None)),
+                            (heads, (0, 1)), batch=q.shape[0], heads=[q.shape[2], v.shape[2]])
+  return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
 
 
 def delta_rule(q: ArrayLike, k: ArrayLike, v: ArrayLike, beta: ArrayLike, *,
@@ -367,6 +379,32 @@ def _l2_normalize(x: Array, eps: float = 1e-6) -> Array:
   return xf * lax.rsqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True) + eps)
 
 
+def gated_delta_rule_local(q, k, v, g, beta, *, axis: str, segment_ids=None, **kwargs):
+  """`gated_delta_rule` on one shard of the sequence, inside shard_map over the mesh axis `axis`:
+  the outputs [batch, T, Hv, dv] the whole sequence gives at this shard's positions.
+
+  The state after the shard is affine in the state before it, S_end = M S_start + B with the
+  [dk, dk] transition M = prod_t exp(g_t) (I - beta_t k_t k_t^T) (t from last to first). B and the
+  local outputs come from running the rule from a zero state; M from running it with v = 0 from
+  the identity. The all-gathered (M, B) of the earlier shards fold into the carried-in state, whose
+  contribution is the rule run once more with v = 0 from it.
+  """
+  sequence_parallel.no_initial_state(kwargs, "gated_delta_rule_local")
+  out, final = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, **kwargs)
+  batch, _, hv, _ = v.shape
+  dk = k.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(dk, dtype=final.dtype), (batch, hv, dk, dk))
+  zeros_k = jnp.zeros(v.shape[:3] + (dk,), v.dtype)
+  _, transition = gated_delta_rule(q, k, zeros_k, g, beta, segment_ids=segment_ids,
+                                   initial_state=eye, **kwargs)  # [batch, Hv, dk, dk]
+  h_in = sequence_parallel.carried_in_states(
+      final, transition, axis, lambda m, h: jnp.einsum("bhij,bhjv->bhiv", m, h),
+      segment_ids=segment_ids)
+  out_in, _ = gated_delta_rule(q, k, jnp.zeros_like(v), g, beta, segment_ids=segment_ids,
+                               initial_state=h_in, **kwargs)
+  return out + out_in
+
+
 class GatedDeltaNet(nn.Module):
   """The Gated DeltaNet mixer: [batch, length, d_model] -> [batch, length, d_model].
 
@@ -386,6 +424,10 @@ class GatedDeltaNet(nn.Module):
   Cache: {"conv": {"q", "k", "v": ShortConv caches}, "ssm": [batch, num_v_heads, head_dim_k,
   head_dim_v] float32, "segment_id": [batch] int32, the last segment id seen (-1 fresh)}; a chunk
   whose first segment id differs from it starts from a zero state.
+
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard of the sequence): the short
+  convolutions take their first inputs from the left neighbour and the rule runs as
+  `gated_delta_rule_local`.
   """
 
   d_model: int
@@ -404,6 +446,7 @@ class GatedDeltaNet(nn.Module):
   norm_eps: float = 1e-5
   chunk_size: int = 64
   impl: str = "auto"
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ("A_log", "dt_bias")
 
@@ -450,7 +493,8 @@ class GatedDeltaNet(nn.Module):
 
     def branch(name: str, features: int) -> Array:
       h = dense(features, f"{name}_proj")(x)
-      conv = ShortConv(kernel_size=self.conv_size, use_bias=self.conv_bias, name=f"{name}_conv")
+      conv = ShortConv(kernel_size=self.conv_size, use_bias=self.conv_bias,
+                       seq_axis=self.seq_axis, name=f"{name}_conv")
       h, conv_caches[name] = conv(h, segment_ids=segment_ids,
                                   cache=None if cache is None else cache["conv"][name])
       return jax.nn.silu(h)
@@ -474,9 +518,11 @@ class GatedDeltaNet(nn.Module):
         # A chunk opening a new document must not see the previous document's state.
         same = segment_ids[:, 0].astype(jnp.int32) == cache["segment_id"]
         initial_state = jnp.where(same[:, None, None, None], initial_state, 0.0)
-    o, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
-                                segment_ids=segment_ids, impl=self.impl,
-                                chunk_size=self.chunk_size)
+    rule_kwargs = dict(segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
+    if self.seq_axis is not None:
+      o, state = gated_delta_rule_local(q, k, v, g, beta, axis=self.seq_axis, **rule_kwargs), None
+    else:
+      o, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, **rule_kwargs)
 
     gate = dense(hv * dv, "g_proj")(x).reshape(batch, length, hv, dv)
     o = RMSNorm(eps=self.norm_eps, name="o_norm")(o.astype(jnp.float32))

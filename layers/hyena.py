@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers import long_conv
+from layers import long_conv, sequence_parallel
 from layers.blocks import ShortConv
 
 Array = jax.Array
@@ -109,6 +109,15 @@ class Hyena(nn.Module):
       constant in the number of tokens streamed; past max_length the filters, which have
       max_length taps, act as the finite filters they are.
   Projections compute in x's dtype; the convolutions in float32.
+
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard [batch, T, D] of a sequence
+  of L = n T tokens; parallel form only): in_proj and the short convolution (its first inputs from
+  the left neighbour) run on the shard; one all-to-all switches the N + 1 streams to channel
+  sharding, [batch, L, N + 1, D/n] (`sequence_to_channels`, D must divide by n); the whole
+  order-N recurrence runs there, as its gates are per channel, with this shard's channels of the
+  filters computed at L taps (`channel_shard`) and the whole sequence's segment ids
+  (`gather_sequence`); one inverse all-to-all brings z^{N+1} back before out_proj. Needs
+  L <= max_length.
   """
 
   d_model: int
@@ -123,6 +132,7 @@ class Hyena(nn.Module):
   dropout: float = 0.0
   block_size: int = 16  # query block of `direct_conv` (packed or streamed inputs)
   deterministic: bool = True
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ("implicit_filter",)
 
@@ -141,7 +151,10 @@ class Hyena(nn.Module):
                        f"got {x.shape}")
     if self.order < 1:
       raise ValueError(f"Hyena.order must be >= 1, got {self.order}")
+    sequence_parallel.check_parallel_form("Hyena", self.seq_axis, cache)
     batch, length, d = x.shape
+    if self.seq_axis is not None:
+      length *= sequence_parallel.axis_size(self.seq_axis)  # the whole sequence's length
     if cache is None and length > self.max_length:
       raise ValueError(f"Hyena: sequence length {length} exceeds max_length {self.max_length} "
                        f"(the filters' taps); raise Hyena.max_length")
@@ -149,14 +162,21 @@ class Hyena(nn.Module):
       segment_ids = jnp.broadcast_to(cache["segment_ids"][:, -1:], (batch, length))
     u = nn.Dense((self.order + 1) * d, dtype=x.dtype, name="in_proj")(x)
     u, conv_cache = ShortConv(self.short_conv_size, d_model=(self.order + 1) * d,
-                              name="short_conv")(
+                              seq_axis=self.seq_axis, name="short_conv")(
         u, segment_ids=segment_ids, cache=None if cache is None else cache["short_conv"])
     dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32 compute (float64 for float64 x)
-    streams = u.astype(dtype).reshape(batch, length, self.order + 1, d)
+    streams = u.astype(dtype).reshape(batch, x.shape[1], self.order + 1, d)
     taps = length if cache is None else self.max_length
     h, bias = ImplicitFilter(d, self.order, self.max_length, self.emb_dim, self.filter_order,
                              self.num_inner_mlps, self.sine_freq, self.modulate,
                              name="implicit_filter")(taps)
+    if self.seq_axis is not None:
+      # Channel sharding for the whole recurrence: [batch, T, N+1, D] -> [batch, L, N+1, D/n].
+      streams = sequence_parallel.sequence_to_channels(streams, self.seq_axis)
+      h = sequence_parallel.channel_shard(h, self.seq_axis)
+      bias = sequence_parallel.channel_shard(bias, self.seq_axis)
+      if segment_ids is not None:
+        segment_ids = sequence_parallel.gather_sequence(segment_ids, self.seq_axis)
     drop = nn.Dropout(self.dropout, deterministic=self.deterministic)
     z = streams[:, :, self.order]  # v
     conv_inputs = []
@@ -172,6 +192,8 @@ class Hyena(nn.Module):
       else:
         hz = long_conv.fft_conv(z, h[:, n])
       z = drop(streams[:, :, n] * (hz + bias[n] * z))
+    if self.seq_axis is not None:
+      z = sequence_parallel.channels_to_sequence(z, self.seq_axis)  # [batch, T, D]
     y = nn.Dense(d, dtype=x.dtype, name="out_proj")(z.astype(x.dtype))
     new_cache = None
     if cache is not None:

@@ -23,7 +23,12 @@ Implementations (`impl=`):
              over chunks carries [batch, channels, state]. The chunk body is rematerialised
              (`jax.checkpoint`), so forward and backward memory is O(length * channels) plus
              O(T * channels * state) and one carried state per chunk; never [batch, L, D, N].
-  auto       xla.
+  pallas     the Pallas kernel of layers/pallas/selective_scan.py (Triton on GPU, Mosaic on TPU,
+             interpret mode on CPU): one program per (batch row, channel block) keeps its state
+             in registers and walks the sequence, saving one state per chunk of T tokens
+             (default 16) from which the custom-VJP backward recomputes the chunk. B and C per
+             token, shared by the channels ([batch, length, state]) only.
+  auto       pallas on GPU/TPU where its `supports` holds, else xla (layers/pallas/dispatch.py).
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from layers import sequence_parallel
 from layers.blocks import ShortConv
+from layers.pallas import dispatch
+from layers.pallas import selective_scan as pallas_selective_scan
 from layers.scan import linear_scan
 
 Array = jax.Array
@@ -205,6 +213,7 @@ def _selective_scan_xla(u, delta, A, B, C, h0, reset, chunk_size):
 IMPLEMENTATIONS: dict[str, Callable[..., tuple[Array, Array]]] = {
     "reference": _selective_scan_reference,
     "xla": _selective_scan_xla,
+    "pallas": pallas_selective_scan.selective_scan_pallas,
 }
 
 
@@ -226,17 +235,15 @@ def selective_scan(u: ArrayLike, delta: ArrayLike, A: ArrayLike, B: ArrayLike, C
     delta_softplus: apply softplus to delta (+ bias).
     initial_state: [batch, channels, state] state before the first token (zeros).
     segment_ids: [batch, length] int; the state is dropped where the id changes.
-    impl: "reference" | "xla" | "auto" (= "xla").
-    chunk_size: tokens per chunk for "xla" (default 64); ignored by "reference".
+    impl: "reference" | "xla" | "pallas" | "auto" ("pallas" on GPU/TPU where the kernel
+      supports the call, else "xla"). "pallas" raises ValueError naming the reason when the
+      kernel does not support the call (grouped or time-invariant B / C, chunk_size > 64).
+    chunk_size: tokens per chunk for "xla" (default 64); tokens per saved state for "pallas"
+      (default 16, at most 64); ignored by "reference".
 
   Returns:
     (y [batch, length, channels] in u's dtype, final_state float32 [batch, channels, state]).
   """
-  if impl == "auto":
-    impl = "xla"
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"selective_scan: impl must be one of {sorted(IMPLEMENTATIONS) + ['auto']}"
-                     f", got {impl!r}")
   if chunk_size is not None and (isinstance(chunk_size, bool)
                                  or not isinstance(chunk_size, (int, np.integer))
                                  or chunk_size < 1):
@@ -244,10 +251,20 @@ def selective_scan(u: ArrayLike, delta: ArrayLike, A: ArrayLike, B: ArrayLike, C
   out_dtype = jnp.asarray(u).dtype
   u, delta, A, B, C, D, z, h0, reset = _prepare(u, delta, A, B, C, D, z, delta_bias,
                                                 delta_softplus, initial_state, segment_ids)
+  impl = dispatch.resolve("selective_scan", impl, lambda: pallas_selective_scan.supports(
+      u, delta, A, B, C, h0, reset, chunk_size))
   if u.shape[1] == 0:
     return jnp.zeros(u.shape, out_dtype), h0
-  y, final = IMPLEMENTATIONS[impl](u, delta, A, B, C, h0, reset,
-                                   None if chunk_size is None else int(chunk_size))
+  chunk_size = None if chunk_size is None else int(chunk_size)
+  if impl == "pallas":
+    # Under a mesh: batch over data/fsdp, channels over tensor (B, C are shared by the channels).
+    channels = (0, 2)
+    y, final = dispatch.on_mesh(
+        lambda *a: IMPLEMENTATIONS["pallas"](*a, chunk_size), (u, delta, A, B, C, h0, reset),
+        (channels, channels, (None, 0), (0, None), (0, None), (0, 1), (0, None)),
+        (channels, (0, 1)), batch=u.shape[0], heads=[u.shape[2]])
+  else:
+    y, final = IMPLEMENTATIONS[impl](u, delta, A, B, C, h0, reset, chunk_size)
   return _finish(y, u, D, z).astype(out_dtype), final
 
 
@@ -281,6 +298,28 @@ def _a_log_init(key, shape, dtype=jnp.float32):
                                   (channels, state))).astype(dtype)
 
 
+def selective_scan_local(u, delta, A, B, C, D=None, *, axis: str, segment_ids=None, **kwargs):
+  """`selective_scan` on one shard of the sequence, inside shard_map over the mesh axis `axis`:
+  the outputs y [batch, T, channels] the whole sequence gives at this shard's positions.
+
+  Scans the shard from a zero state (y_local, final b), probes the shard's diagonal transition
+  M = prod_t exp(delta_t A) with zero inputs from a state of ones, folds the all-gathered (M, b)
+  of the earlier shards into the carried-in state h_in and adds y_in = C_t (prod exp(delta A)) h_in
+  by running the scan once more with zero inputs from h_in (the z gate, being multiplicative,
+  applies to the sum: silu(z) (y_local + y_in) = gate(y_local) + gate(y_in)).
+  """
+  sequence_parallel.no_initial_state(kwargs, "selective_scan_local")
+  y, final = selective_scan(u, delta, A, B, C, D, segment_ids=segment_ids, **kwargs)
+  zeros = jnp.zeros_like(u)
+  _, decay = selective_scan(zeros, delta, A, B, C, segment_ids=segment_ids,
+                            initial_state=jnp.ones_like(final), **kwargs)
+  h_in = sequence_parallel.carried_in_states(final, decay, axis, lambda m, h: m * h,
+                                             segment_ids=segment_ids)
+  y_in, _ = selective_scan(zeros, delta, A, B, C, segment_ids=segment_ids, initial_state=h_in,
+                           **kwargs)
+  return y + y_in
+
+
 class Mamba(nn.Module):
   """The Mamba-1 mixer (Gu & Dao 2023), x: [batch, length, d_model] -> same shape.
 
@@ -300,6 +339,10 @@ class Mamba(nn.Module):
   {"conv": ShortConv's cache, "ssm": float32 [batch, d_inner, d_state], "segment_id": int32
   [batch] (last id seen, -1 fresh)}; a chunk whose first id differs from the cached one starts
   from a zero state.
+
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard of the sequence): the short
+  convolution takes its first inputs from the left neighbour and the scan runs as
+  `selective_scan_local` (local scan, then the carried-in state of the earlier shards).
   """
 
   d_model: int
@@ -315,6 +358,7 @@ class Mamba(nn.Module):
   use_bias: bool = False
   scan_impl: str = "auto"
   chunk_size: int | None = None
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ("A_log", "D", "dt_bias")
 
@@ -355,7 +399,8 @@ class Mamba(nn.Module):
       segment_ids = segment_ids.astype(jnp.int32)
       same_doc = segment_ids[:, 0] == cache["segment_id"]
       initial_state = jnp.where(same_doc[:, None, None], cache["ssm"], 0.0)
-    conv = ShortConv(kernel_size=self.d_conv, use_bias=self.conv_bias, name="conv1d")
+    conv = ShortConv(kernel_size=self.d_conv, use_bias=self.conv_bias, seq_axis=self.seq_axis,
+                     name="conv1d")
     xs, conv_cache = conv(xs, segment_ids=segment_ids,
                           cache=None if cache is None else cache["conv"])
     xs = jax.nn.silu(xs)
@@ -370,10 +415,14 @@ class Mamba(nn.Module):
     A_log = self.param("A_log", _a_log_init, (d_inner, n), jnp.float32)
     D = self.param("D", nn.initializers.ones, (d_inner,), jnp.float32)
 
-    y, final = selective_scan(xs, dt, -jnp.exp(A_log), B, C, D, z=z, delta_bias=dt_bias,
-                              delta_softplus=True, initial_state=initial_state,
-                              segment_ids=segment_ids, impl=self.scan_impl,
-                              chunk_size=self.chunk_size)
+    scan_kwargs = dict(z=z, delta_bias=dt_bias, delta_softplus=True, segment_ids=segment_ids,
+                       impl=self.scan_impl, chunk_size=self.chunk_size)
+    if self.seq_axis is not None:
+      y, final = selective_scan_local(xs, dt, -jnp.exp(A_log), B, C, D, axis=self.seq_axis,
+                                      **scan_kwargs), None
+    else:
+      y, final = selective_scan(xs, dt, -jnp.exp(A_log), B, C, D, initial_state=initial_state,
+                                **scan_kwargs)
     out = dense(self.d_model, "out_proj", self.use_bias)(y.astype(x.dtype))
     if cache is None:
       return out, None

@@ -23,7 +23,10 @@ Implementations (`impl=`):
   xla        the chunked SSD algorithm: within a chunk, the output as a masked matmul with the decay
              matrix exp(segsum(dt A)); per-chunk states; a short scan passing the state across
              chunks; the chunks' outputs from the carried-in state. Never holds a per-token state.
-  auto       xla.
+  pallas     the same chunked algorithm as one Pallas kernel per direction (layers/pallas/ssd.py):
+             one program per (batch, head) walks the chunks with the state in float32 registers;
+             the backward recomputes chunks from the states saved at chunk starts.
+  auto       pallas on GPU/TPU where `layers.pallas.ssd.supports` holds, else xla.
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from layers import sequence_parallel
 from layers.blocks import ShortConv
 from layers.mamba import dt_bias_init
+from layers.pallas import dispatch
+from layers.pallas import ssd as pallas_ssd
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
 
 def _state_dtype(*arrays: Array) -> jnp.dtype:
@@ -231,16 +237,35 @@ def ssd(x: ArrayLike, dt: ArrayLike, A: ArrayLike, B: ArrayLike, C: ArrayLike,
     B, C: [batch, length, groups, d_state]; heads % groups == 0, head h uses group
       h // (heads // groups).
     D: optional [heads] skip.
-    chunk_size: chunk length of the "xla" implementation (lengths need not be multiples).
+    chunk_size: chunk length of the "xla" implementation (lengths need not be multiples); the
+      "pallas" kernel uses the largest power of two <= chunk_size, clamped to [16, 64].
     initial_state: optional [batch, heads, head_dim, d_state] state before the first token.
     segment_ids: optional [batch, length] int document ids; a change of id drops the state.
-    impl: "reference" | "xla" | "auto" (= "xla").
+    impl: "reference" | "xla" | "pallas" | "auto" ("pallas" on GPU/TPU when the kernel supports
+      the call, else "xla"; see layers.pallas.dispatch). "pallas" raises ValueError naming the
+      reason when the kernel does not support the call (float64 inputs, very large states, or a
+      sequence too long for TPU VMEM); on CPU it runs in interpret mode.
   Returns:
     y [batch, length, heads, head_dim] in x's dtype, final state [batch, heads, head_dim, d_state]
     (float32, or float64 for float64 inputs).
   """
-  if impl == "auto":
-    impl = "xla"
+  x, dt, A, B, C, D, initial_state, segment_ids = _check(x, dt, A, B, C, D, initial_state,
+                                                        segment_ids)
+  impl = dispatch.resolve(
+      "ssd", impl, lambda: pallas_ssd.supports(x, dt, A, B, C, D, chunk_size=chunk_size,
+                                               initial_state=initial_state,
+                                               segment_ids=segment_ids),
+      choices=IMPLEMENTATIONS)
+  if impl == "pallas":
+    # Under a mesh: batch over data/fsdp, heads (and groups, unless one shared group) over tensor.
+    groups = B.shape[2]
+    group_dims = (0, None) if groups == 1 else (0, 2)
+    return dispatch.on_mesh(
+        lambda x, dt, A, B, C, D, h0, ids: pallas_ssd.ssd_pallas(
+            x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=h0, segment_ids=ids),
+        (x, dt, A, B, C, D, initial_state, segment_ids),
+        ((0, 2), (0, 2), (None, 0), group_dims, group_dims, (None, 0), (0, 1), (0, None)),
+        ((0, 2), (0, 1)), batch=x.shape[0], heads=[x.shape[2]] + ([groups] * (groups > 1)))
   if impl == "reference":
     return ssd_reference(x, dt, A, B, C, D, initial_state=initial_state, segment_ids=segment_ids)
   if impl == "xla":
@@ -260,6 +285,26 @@ def _a_log_init(low: float, high: float):
   return init
 
 
+def ssd_local(x, dt, A, B, C, D=None, *, axis: str, segment_ids=None, **kwargs):
+  """`ssd` on one shard of the sequence, inside shard_map over the mesh axis `axis`: the outputs
+  y [batch, T, heads, head_dim] the whole sequence gives at this shard's positions.
+
+  Runs the shard from a zero state (y_local, final b), probes the per-head decay of the shard
+  M = prod_t exp(dt_t A) with zero inputs from a state of ones, folds the all-gathered (M, b) of
+  the earlier shards into the carried-in state h_in, and adds y_in_t = C_t (prod_{s<=t} exp(dt_s A))
+  h_in by running once more with zero inputs from h_in.
+  """
+  sequence_parallel.no_initial_state(kwargs, "ssd_local")
+  y, final = ssd(x, dt, A, B, C, D, segment_ids=segment_ids, **kwargs)
+  zeros = jnp.zeros_like(x)
+  _, decay = ssd(zeros, dt, A, B, C, segment_ids=segment_ids, initial_state=jnp.ones_like(final),
+                 **kwargs)
+  h_in = sequence_parallel.carried_in_states(final, decay, axis, lambda m, h: m * h,
+                                             segment_ids=segment_ids)
+  y_in, _ = ssd(zeros, dt, A, B, C, segment_ids=segment_ids, initial_state=h_in, **kwargs)
+  return y + y_in
+
+
 class Mamba2(nn.Module):
   """The Mamba-2 mixer: [batch, length, d_model] -> [batch, length, d_model].
 
@@ -274,6 +319,9 @@ class Mamba2(nn.Module):
   Cache: {"conv": ShortConv cache of xBC, "ssm": [batch, H, headdim, d_state] float32,
   "segment_id": [batch] int32, the last segment id seen (-1 fresh)}; a chunk whose first segment
   id differs from it starts from a zero SSM state.
+
+  With `seq_axis` (inside shard_map over that mesh axis, u one shard of the sequence): the short
+  convolution takes its first inputs from the left neighbour and the SSD runs as `ssd_local`.
   """
 
   d_model: int
@@ -292,6 +340,7 @@ class Mamba2(nn.Module):
   use_bias: bool = False
   norm_eps: float = 1e-5
   impl: str = "auto"
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ("A_log", "dt_bias", "D")
 
@@ -331,7 +380,7 @@ class Mamba2(nn.Module):
                       name="in_proj")(u)
     z, xbc, dt = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=-1)
     conv = ShortConv(kernel_size=self.d_conv, use_bias=self.conv_bias, d_model=conv_dim,
-                     name="conv")
+                     seq_axis=self.seq_axis, name="conv")
     xbc, conv_cache = conv(xbc, segment_ids=segment_ids,
                            cache=None if cache is None else cache["conv"])
     xbc = jax.nn.silu(xbc)
@@ -352,9 +401,13 @@ class Mamba2(nn.Module):
         # A chunk opening a new document must not see the previous document's state.
         same = segment_ids[:, 0].astype(jnp.int32) == cache["segment_id"]
         initial_state = initial_state * same[:, None, None, None]
-    y, state = ssd(x.reshape(batch, length, heads, p), dt, A, B.reshape(batch, length, g, n),
-                   C.reshape(batch, length, g, n), D, chunk_size=self.chunk_size,
-                   initial_state=initial_state, segment_ids=segment_ids, impl=self.impl)
+    ssd_args = (x.reshape(batch, length, heads, p), dt, A, B.reshape(batch, length, g, n),
+                C.reshape(batch, length, g, n), D)
+    ssd_kwargs = dict(chunk_size=self.chunk_size, segment_ids=segment_ids, impl=self.impl)
+    if self.seq_axis is not None:
+      y, state = ssd_local(*ssd_args, axis=self.seq_axis, **ssd_kwargs), None
+    else:
+      y, state = ssd(*ssd_args, initial_state=initial_state, **ssd_kwargs)
     y = y.reshape(batch, length, d_inner)
 
     # Gated RMSNorm, normalised per group (norm(y * silu(z)), the gate before the norm).

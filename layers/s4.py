@@ -53,7 +53,8 @@ Cauchy kernel on accelerators, fine for experiments. Its float32 accuracy is set
 ~6e-6 for LegS N = 16, ~5e-5 for N = 64 with dt = 0.1 (bilinear: ~2e-6 for both).
 
 Module: `S4`. Pure functions: `dplr_real`, `c_real`, `discretize`, `truncated_c`,
-`s4_kernel_bilinear`, `ssm_kernel_by_powers`, `s4_kernel`, `dense_recurrence`.
+`s4_kernel_bilinear`, `ssm_kernel_by_powers`, `s4_kernel`, `dense_recurrence`,
+`dense_recurrence_local` (its sequence-parallel form).
 Shapes: x [batch, length, d_model]; complex parameters are stored as real pairs [..., 2].
 """
 
@@ -68,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from layers import hippo, ssm_layer
+from layers import hippo, sequence_parallel, ssm_layer
 
 Array = jax.Array
 
@@ -291,6 +292,31 @@ def dense_recurrence(Abar: Array, Bbar: Array, Cr: Array, u: Array, *,
   return jnp.moveaxis(ys, 0, 1), final
 
 
+def dense_recurrence_local(Abar: Array, Bbar: Array, Cr: Array, u: Array, *, axis: str,
+                           segment_ids: Array | None = None, reverse: bool = False,
+                           exclusive: bool = False) -> Array:
+  """`dense_recurrence` on this shard u [batch, T, H] of a sequence split over mesh axis `axis`
+  (inside shard_map): the outputs y [batch, T, H] the whole sequence would give here.
+
+  The shard runs from a zero state (y_local, final b), its transition over the shard is
+  M = Abar^T where no segment id changes inside it (else 0, the state is dropped), the state
+  carried in is h_in(i) = M h_in(i-1) + b_{i-1} over the earlier shards (the later ones when
+  reverse; `sequence_parallel.carried_in_states`), and y = y_local + (the recurrence with zero
+  inputs from h_in). Two sequential passes over the shard plus an all-gather of [batch, H, N].
+  """
+  kwargs = dict(segment_ids=segment_ids, reverse=reverse, exclusive=exclusive)
+  y, final = dense_recurrence(Abar, Bbar, Cr, u, **kwargs)
+  power = jnp.linalg.matrix_power(Abar.astype(final.dtype), u.shape[1])  # [H, N, N]
+  if segment_ids is None:
+    through = jnp.ones(u.shape[:1], bool)
+  else:
+    through = jnp.all(segment_ids[:, 1:] == segment_ids[:, :-1], axis=1)  # [batch]
+  apply = lambda keep, s: jnp.where(keep[:, None, None], jnp.einsum("hnm,bhm->bhn", power, s), 0)
+  h_in = sequence_parallel.carried_in_states(final, through, axis, apply, segment_ids=segment_ids,
+                                             reverse=reverse)
+  return y + dense_recurrence(Abar, Bbar, Cr, jnp.zeros_like(u), initial_state=h_in, **kwargs)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Module
 
@@ -337,6 +363,11 @@ class S4(nn.Module):
   float64 inputs); the output has x's dtype.
   cauchy_chunk_size: frequencies per Cauchy block in the bilinear kernel (bounds its memory at
   [chunk, H, N/2] complex); None evaluates all L//2+1 frequencies at once.
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard [batch, T, H] of the
+  sequence; cache must be None): the convolution switches to channel sharding
+  (`ssm_layer.convolve_sequence_parallel`, the kernel of length n T built for this shard's H/n
+  channels only: every SSM parameter is per channel once expanded from the n_ssm groups); the
+  recurrence runs as `dense_recurrence_local` (the carried-in states by all-gather).
   """
 
   d_model: int
@@ -352,6 +383,7 @@ class S4(nn.Module):
   deterministic: bool = True
   activation: str = "gelu"
   cauchy_chunk_size: int | None = 512
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ("log_dt", "log_Lambda_re", "Lambda_im", "P", "B")
 
@@ -417,6 +449,7 @@ class S4(nn.Module):
                cache: Mapping[str, Array] | None = None) -> tuple[Array, Any]:
     self._check_fields()
     ssm_layer.check_input("S4", self.d_model, x)
+    sequence_parallel.check_parallel_form("S4", self.seq_axis, cache)
     if cache is not None:
       self._check_streamable()
     batch, length, _ = x.shape
@@ -428,27 +461,41 @@ class S4(nn.Module):
                              for a in (dt, lam, p, b, c, d))
 
     new_cache = None
+    axis = self.seq_axis
     if cache is None and segment_ids is None:
-      if self.discretization == "bilinear":
-        k = s4_kernel_bilinear(dt, lam, p, b, c, length, chunk_size=self.cauchy_chunk_size)
-      else:
-        k = s4_kernel(dt, lam, p, b, c, length, discretization="zoh")
-      y = ssm_layer.convolve(u, k, bidirectional=self.bidirectional)
+      def kernel(dt, lam, p, b, c, length):
+        if self.discretization == "bilinear":
+          return s4_kernel_bilinear(dt, lam, p, b, c, length, chunk_size=self.cauchy_chunk_size)
+        return s4_kernel(dt, lam, p, b, c, length, discretization="zoh")
+      if axis is None:
+        y = ssm_layer.convolve(u, kernel(dt, lam, p, b, c, length),
+                               bidirectional=self.bidirectional)
+      else:  # the kernel of length n T for this shard's channels only
+        shard = lambda a, channel_axis=0: sequence_parallel.channel_shard(a, axis, channel_axis)
+        params = (shard(dt), shard(lam), shard(p, 1), shard(b), shard(c, 1))
+        y = ssm_layer.convolve_sequence_parallel(u, lambda full: kernel(*params, full),
+                                                 bidirectional=self.bidirectional, axis=axis)
     else:
       A_r, B_r = dplr_real(lam, p, b)
       Abar, Bbar = discretize(dt, A_r, B_r, self.discretization)
       cr = c_real(c)
-      initial_state = None
-      if cache is not None:
-        segment_ids, same_doc = ssm_layer.stream_start(cache, segment_ids, (batch, length))
-        initial_state = jnp.where(same_doc[:, None, None], cache["state"], 0)
-      y, final = dense_recurrence(Abar, Bbar, cr[0], u, initial_state=initial_state,
-                                  segment_ids=segment_ids)
-      if self.bidirectional:
-        y = y + dense_recurrence(Abar, Bbar, cr[1], u, segment_ids=segment_ids, reverse=True,
-                                 exclusive=True)[0]
-      if cache is not None:
-        new_cache = {"state": final.astype(jnp.float32), "segment_id": segment_ids[:, -1]}
+      if axis is not None:
+        y = dense_recurrence_local(Abar, Bbar, cr[0], u, axis=axis, segment_ids=segment_ids)
+        if self.bidirectional:
+          y = y + dense_recurrence_local(Abar, Bbar, cr[1], u, axis=axis, reverse=True,
+                                         segment_ids=segment_ids, exclusive=True)
+      else:
+        initial_state = None
+        if cache is not None:
+          segment_ids, same_doc = ssm_layer.stream_start(cache, segment_ids, (batch, length))
+          initial_state = jnp.where(same_doc[:, None, None], cache["state"], 0)
+        y, final = dense_recurrence(Abar, Bbar, cr[0], u, initial_state=initial_state,
+                                    segment_ids=segment_ids)
+        if self.bidirectional:
+          y = y + dense_recurrence(Abar, Bbar, cr[1], u, segment_ids=segment_ids, reverse=True,
+                                   exclusive=True)[0]
+        if cache is not None:
+          new_cache = {"state": final.astype(jnp.float32), "segment_id": segment_ids[:, -1]}
 
     out = ssm_layer.output_stage(y, u, d, x.dtype, activation=self.activation,
                                  dropout=self.dropout, deterministic=self.deterministic)

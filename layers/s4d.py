@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers import hippo, ssm_layer
+from layers import hippo, sequence_parallel, ssm_layer
 from layers.scan import linear_scan
 
 Array = jax.Array
@@ -313,6 +313,12 @@ class S4D(nn.Module):
       "segment_id": int32 [batch]}; a chunk whose first id differs from the cached one starts
       from a zero state. Only for causal layers.
   All three use the same discretisation (`discretization`: "zoh" or "bilinear").
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard [batch, T, H] of the
+  sequence; cache must be None): the convolution switches to channel sharding
+  (`ssm_layer.convolve_sequence_parallel`, the kernel of length n T built for this shard's H/n
+  channels only); the recurrence scans the shard with `linear_scan_local` (the forward state from
+  the left shards; the reverse one from the right, whose first backward state the anti-causal
+  part of the last position also reads from the right neighbour).
   The SSM computes in the parameters' precision, at least float32 (complex64 state), whatever
   x's dtype; the output has x's dtype. The state keeps the cache's dtype.
 
@@ -344,6 +350,7 @@ class S4D(nn.Module):
   activation: str = "gelu"
   scan_impl: str = "auto"
   kernel_chunk_size: int | None = None
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   # Every name a parameter of the SSM group can have (which ones exist depends on the transforms).
   ssm_param_names = ("log_dt",) + tuple(_REAL_NAMES.values()) + tuple(_IMAG_NAMES.values()) + (
@@ -435,6 +442,9 @@ class S4D(nn.Module):
     """The convolution kernel K [c, length, H] of the stored parameters (`method="kernel"`)."""
     self._check_fields()
     dt, A, B, C, _ = self.ssm()
+    return self._kernel(dt, A, B, C, length)
+
+  def _kernel(self, dt: Array, A: Array, B: Array, C: Array, length: int) -> Array:
     return s4d_kernel(dt, A, B, C, length, discretization=self.discretization,
                       chunk_size=self.kernel_chunk_size)
 
@@ -443,6 +453,7 @@ class S4D(nn.Module):
                cache: Mapping[str, Array] | None = None) -> tuple[Array, Any]:
     self._check_fields()
     ssm_layer.check_input("S4D", self.d_model, x)
+    sequence_parallel.check_parallel_form("S4D", self.seq_axis, cache)
     if cache is not None:
       self._check_streamable()
     batch, length, _ = x.shape
@@ -453,8 +464,16 @@ class S4D(nn.Module):
     u = x.astype(real_dtype)
 
     new_cache = None
+    axis = self.seq_axis
     if cache is None and segment_ids is None:
-      y = ssm_layer.convolve(u, self.kernel(length), bidirectional=self.bidirectional)
+      if axis is None:
+        y = ssm_layer.convolve(u, self._kernel(dt, A, B, C, length),
+                               bidirectional=self.bidirectional)
+      else:  # the kernel of length n T for this shard's channels only
+        shard = lambda p, channel_axis=0: sequence_parallel.channel_shard(p, axis, channel_axis)
+        kernel = lambda full: self._kernel(shard(dt), shard(A), shard(B), shard(C, 1), full)
+        y = ssm_layer.convolve_sequence_parallel(u, kernel, bidirectional=self.bidirectional,
+                                                 axis=axis)
     else:
       dA, dB = s4d_discretize(dt, A, B, self.discretization)  # [H, N/2]
       a = dA[None, None]  # [1, 1, H, N/2], broadcast by the scan over batch and length
@@ -463,16 +482,25 @@ class S4D(nn.Module):
       if cache is not None:
         segment_ids, same_doc = ssm_layer.stream_start(cache, segment_ids, (batch, length))
         initial_state = jnp.where(same_doc[:, None, None], cache["state"], 0).astype(dB.dtype)
-      hs, final = linear_scan(a, b, initial_state=initial_state, segment_ids=segment_ids,
-                              impl=self.scan_impl)
+      scan = lambda reverse: linear_scan(a, b, initial_state=None if reverse else initial_state,
+                                         reverse=reverse, segment_ids=segment_ids,
+                                         impl=self.scan_impl)
+      if axis is not None:
+        scan = lambda reverse: (sequence_parallel.linear_scan_local(
+            a, b, segment_ids=segment_ids, axis=axis, reverse=reverse, impl=self.scan_impl), None)
+      hs, final = scan(False)
       y = 2.0 * jnp.real(jnp.einsum("blhn,hn->blh", hs, C[0]))
       if self.bidirectional:
-        hb, _ = linear_scan(a, b, segment_ids=segment_ids, reverse=True, impl=self.scan_impl)
+        hb, _ = scan(True)
         # The anti-causal part at t reads the backward state of t+1 (strictly future inputs),
         # which is dropped when t+1 starts another document.
-        nxt = jnp.concatenate([hb[:, 1:], jnp.zeros_like(hb[:, :1])], axis=1)
-        same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
-                                jnp.zeros((batch, 1), bool)], axis=1)
+        after, same_after = jnp.zeros_like(hb[:, :1]), jnp.zeros((batch, 1), bool)
+        if axis is not None:  # t+1 of the last position is the right neighbour's first
+          after = sequence_parallel.from_next_shards(hb[:, :1], 1, axis)
+          same_after = segment_ids[:, -1:] == sequence_parallel.from_next_shards(
+              segment_ids[:, :1], 1, axis, fill=-1)
+        nxt = jnp.concatenate([hb[:, 1:], after], axis=1)
+        same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], same_after], axis=1)
         nxt = jnp.where(same[..., None, None], nxt, 0)
         y = y + 2.0 * jnp.real(jnp.einsum("blhn,hn->blh", nxt, C[1]))
       if cache is not None:

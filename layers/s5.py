@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers import ssm_layer
+from layers import sequence_parallel, ssm_layer
 from layers.hippo import nplr
 from layers.scan import linear_scan
 
@@ -147,7 +147,7 @@ def s5_discretize(Lambda: Array, B: Array, dt: Array,
 
 def s5_ssm(u: Array, Lambda_bar: Array, B_bar: Array, C: Array, *, conj_sym: bool = True,
            initial_state: Array | None = None, segment_ids: Array | None = None,
-           impl: str = "auto") -> tuple[Array, Array]:
+           impl: str = "auto", seq_axis: str | None = None) -> tuple[Array, Array]:
   """The discrete S5 system over a sequence, by the parallel scan (without the D skip).
 
     x_t = Lambda_bar x_{t-1} + B_bar u_t          (forward, from `initial_state`)
@@ -163,8 +163,12 @@ def s5_ssm(u: Array, Lambda_bar: Array, B_bar: Array, C: Array, *, conj_sym: boo
       Not allowed with c = 2 (the reverse scan has no carried-in state).
     segment_ids: [batch, length] int; a change of id drops the state in both directions.
     impl: the `linear_scan` implementation.
-  Returns (y [batch, length, H] real, final forward state [batch, P'] complex). The state dtype
-  is the promoted dtype of the inputs, at least complex64.
+    seq_axis: a mesh axis (inside shard_map) over which the sequence is split, u being one shard:
+      both scans run as `sequence_parallel.linear_scan_local` (the state carried in from the
+      shards before, or after for the reverse scan). No initial_state then.
+  Returns (y [batch, length, H] real, final forward state [batch, P'] complex; with seq_axis the
+  state at this shard's last position). The state dtype is the promoted dtype of the inputs, at
+  least complex64.
   """
   if u.ndim != 3:
     raise ValueError(f"s5_ssm: u must be [batch, length, H], got shape {u.shape}")
@@ -176,6 +180,9 @@ def s5_ssm(u: Array, Lambda_bar: Array, B_bar: Array, C: Array, *, conj_sym: boo
   if C.shape[0] == 2 and initial_state is not None:
     raise ValueError("s5_ssm: initial_state is only defined for the causal SSM (one row of C); "
                      "the bidirectional reverse scan has no carried-in state")
+  if seq_axis is not None and initial_state is not None:
+    raise ValueError("s5_ssm: with seq_axis every sequence starts from a zero state; "
+                     "initial_state is not supported")
   real = jnp.promote_types(jnp.real(Lambda_bar).dtype, jnp.promote_types(u.dtype, jnp.float32))
   u = u.astype(real)
   # B_bar u and Re(C x) in real arithmetic: two real matmuls each instead of complex ones.
@@ -188,10 +195,18 @@ def s5_ssm(u: Array, Lambda_bar: Array, B_bar: Array, C: Array, *, conj_sym: boo
     return (jnp.einsum("blp,hp->blh", jnp.real(x), jnp.real(c).astype(real))
             - jnp.einsum("blp,hp->blh", jnp.imag(x), jnp.imag(c).astype(real)))
 
-  xs, final = linear_scan(a, bu, initial_state=initial_state, segment_ids=segment_ids, impl=impl)
+  def scan(reverse):
+    if seq_axis is None:
+      return linear_scan(a, bu, initial_state=initial_state, segment_ids=segment_ids,
+                         reverse=reverse, impl=impl)
+    xs = sequence_parallel.linear_scan_local(a, bu, segment_ids=segment_ids, axis=seq_axis,
+                                             reverse=reverse, impl=impl)
+    return xs, xs[:, -1]
+
+  xs, final = scan(False)
   y = readout(xs, C[0])
   if C.shape[0] == 2:
-    zs, _ = linear_scan(a, bu, segment_ids=segment_ids, reverse=True, impl=impl)
+    zs, _ = scan(True)
     y = y + readout(zs, C[1])
   return factor * y, final
 
@@ -249,6 +264,9 @@ class S5(nn.Module):
       one starts from a zero state. Only for causal layers (bidirectional raises ValueError).
   The SSM computes in float32/complex64 (float64/complex128 only for float64 inputs under x64)
   whatever x's dtype; the output has x's dtype.
+  With `seq_axis` (inside shard_map over that mesh axis, x one shard [batch, T, H] of the
+  sequence; cache must be None): both scans run as `linear_scan_local` (the carried-in state from
+  the shards before, or after for the reverse scan).
   """
 
   d_model: int
@@ -266,6 +284,7 @@ class S5(nn.Module):
   deterministic: bool = True
   activation: str = "gelu"
   scan_impl: str = "auto"
+  seq_axis: str | None = None  # sequence parallelism: see layers.sequence_parallel
 
   ssm_param_names = ("Lambda_re", "Lambda_im", "B", "log_dt")
 
@@ -337,6 +356,7 @@ class S5(nn.Module):
                cache: Mapping[str, Array] | None = None) -> tuple[Array, Any]:
     self._check_fields()
     ssm_layer.check_input("S5", self.d_model, x)
+    sequence_parallel.check_parallel_form("S5", self.seq_axis, cache)
     if cache is not None:
       self._check_streamable()
     batch, length, _ = x.shape
@@ -349,7 +369,8 @@ class S5(nn.Module):
       segment_ids, same_doc = ssm_layer.stream_start(cache, segment_ids, (batch, length))
       initial_state = jnp.where(same_doc[:, None], cache["state"], 0).astype(jnp.complex64)
     y, final = s5_ssm(u, lambda_bar, b_bar, c, conj_sym=self.conj_sym,
-                      initial_state=initial_state, segment_ids=segment_ids, impl=self.scan_impl)
+                      initial_state=initial_state, segment_ids=segment_ids, impl=self.scan_impl,
+                      seq_axis=self.seq_axis)
     new_cache = None
     if cache is not None:
       new_cache = {"state": final.astype(jnp.complex64), "segment_id": segment_ids[:, -1]}

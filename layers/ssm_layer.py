@@ -6,6 +6,10 @@ chunk, and the output stage
     GLU(z) = z[..., :H] * sigmoid(z[..., H:])      (as the S4 repository's layers).
 
 Shapes: u, y [batch, length, H]; complex parameters are stored as real pairs [..., 2] = (re, im).
+
+Sequence parallelism (the layers' `seq_axis`, see `layers.sequence_parallel`): the convolution
+mode switches to channel sharding (`convolve_sequence_parallel`), the recurrences scan their shard
+and add the state carried in from the other shards.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from layers import sequence_parallel
 from layers.long_conv import fft_conv, two_sided_kernel
 
 Array = jax.Array
@@ -70,6 +75,18 @@ def convolve(u: Array, k: Array, *, bidirectional: bool) -> Array:
     return fft_conv(u, k[0], causal=True)
   length = u.shape[1]
   return fft_conv(u, two_sided_kernel(k[0, :length], k[1, :length]), causal=False)
+
+
+def convolve_sequence_parallel(u: Array, kernel: Callable[[int], Array], *, bidirectional: bool,
+                               axis: str) -> Array:
+  """`convolve` on one shard of the sequence, u [batch, T, H] (positions [i T, (i + 1) T) of
+  L = n T), by channel sharding: u -> all-to-all -> [batch, L, H/n] -> y = K * u with this shard's
+  kernel(L) [c, L, H/n] (channels [i H/n, (i + 1) H/n), see `sequence_parallel.channel_shard`)
+  -> all-to-all back -> y [batch, T, H]. The D skip and the output stage stay outside (they need
+  no other position; out_proj mixes all channels)."""
+  uc = sequence_parallel.sequence_to_channels(u, axis)
+  y = convolve(uc, kernel(uc.shape[1]), bidirectional=bidirectional)
+  return sequence_parallel.channels_to_sequence(y, axis)
 
 
 def check_input(layer: str, d_model: int, x: Array) -> None:

@@ -3,8 +3,10 @@
 Each op registers a benchmark case (`register`) that times the op's implementations against each
 other on the current device and returns one row per (implementation, shape, mode). Every row
 carries the median time, the speedup over the op's reference implementation measured in the same
-run (reference_ms / ms, so the reference itself is exactly 1), and a roofline estimate: the
-compulsory bytes (inputs read once, outputs written once) over the memory bandwidth.
+run (reference_ms / ms, so the reference itself is exactly 1), and two rooflines: the compulsory
+bytes (inputs read once, outputs written once) over the memory bandwidth (on GPU/TPU measured at
+start-up by a large copy, on CPU a nominal figure; `--bandwidth-gbs` overrides), and, where a case
+counts its FLOPs, those over the device's peak matmul throughput for the dtype.
 
 The cases live one file per op family in the package `ssm.benchmarks`, which `load_cases` imports.
 Timing claims live here, in the printed table and the JSON file, never in tests.
@@ -39,6 +41,16 @@ _BANDWIDTH_BY_KIND: tuple[tuple[str, float], ...] = (
     ("v4", 1200.0),
 )
 _BANDWIDTH_BY_PLATFORM = {"cpu": 50.0, "gpu": 1000.0, "tpu": 1000.0}
+
+# Nominal dense matmul peak (TFLOP/s) by device kind: (bfloat16, float32). float32 is the TF32
+# tensor-core rate on NVIDIA (JAX's default matmul precision there); TPUs run float32 matmuls as
+# bf16 passes, so their float32 entry is the bf16 peak / 3 (the default 3-pass precision).
+_PEAK_TFLOPS_BY_KIND: tuple[tuple[str, tuple[float, float]], ...] = (
+    ("H200", (989.0, 495.0)), ("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 495.0)),
+    ("A100", (312.0, 156.0)), ("L4", (121.0, 60.0)), ("v5 lite", (197.0, 66.0)),
+    ("v5e", (197.0, 66.0)), ("v5p", (459.0, 153.0)), ("v6", (918.0, 306.0)),
+    ("v4", (275.0, 92.0)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +100,25 @@ def default_bandwidth_gbs(platform: str, device_kind: str) -> float:
   return _BANDWIDTH_BY_PLATFORM.get(platform, 100.0)
 
 
+def peak_tflops(platform: str, device_kind: str, dtype: Any) -> float | None:
+  """Nominal peak matmul TFLOP/s for `dtype` inputs (see `_PEAK_TFLOPS_BY_KIND`); None if the
+  device is not in the table (CPU included)."""
+  if platform == "cpu":
+    return None
+  for key, (bf16, f32) in _PEAK_TFLOPS_BY_KIND:
+    if key.lower() in device_kind.lower():
+      return bf16 if jnp.dtype(dtype).itemsize <= 2 else f32
+  return None
+
+
+def measure_bandwidth_gbs(mbytes: int = 512) -> float:
+  """Memory bandwidth of the default device in GB/s, measured by y = x + 1 on a float32 array of
+  `mbytes` MB (read once, written once; the best of 5 timed calls)."""
+  x = jnp.zeros((mbytes * 2**20 // 4,), jnp.float32)
+  times, _ = time_fn(lambda x: x + 1, x, repeats=5, warmup=2)
+  return 2 * x.nbytes / (min(times) * 1e-3) / 1e9
+
+
 def time_fn(fn: Callable[..., Any], *args: Any, repeats: int, warmup: int = 1
             ) -> tuple[list[float], float]:
   """Times `jax.jit(fn)(*args)`; returns (per-call milliseconds, first-call milliseconds).
@@ -111,20 +142,19 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int, warmup: int = 1
 
 def compare(op: str, impls: dict[str, Callable[..., Any]], args: Sequence[Any], *,
             settings: argparse.Namespace, bytes_moved: int, reference: str = "reference",
-            **fields: Any) -> list[Row]:
+            flops: float | None = None, **fields: Any) -> list[Row]:
   """Times every implementation on the same arguments; one row each.
 
   `impls` maps a row name to a function of `args`; `reference` names the one the speedups are
-  relative to (None speedups if it is absent). `fields` (shape, mode, ...) go into every row.
+  relative to (None speedups if it is absent). `flops`: the op's useful FLOPs (for the FLOP
+  roofline, against `settings.peak_tflops` when known). `fields` (shape, mode, ...) go into
+  every row.
   """
   rows = []
   for name, fn in impls.items():
     times, first_ms = time_fn(fn, *args, repeats=settings.repeats, warmup=settings.warmup)
-    ms = statistics.median(times)
-    roofline_ms = bytes_moved / (settings.bandwidth_gbs * 1e9) * 1e3
-    rows.append({"op": op, "impl": name, **fields, "ms": ms, "min_ms": min(times),
-                 "first_call_ms": first_ms, "bytes": bytes_moved, "roofline_ms": roofline_ms,
-                 "roofline_frac": roofline_ms / ms})
+    rows.append(timed_row(op, name, times, first_ms, settings=settings, bytes_moved=bytes_moved,
+                          flops=flops, **fields))
   ref_ms = next((r["ms"] for r in rows if r["impl"] == reference), None)
   for r in rows:
     # The reference row divides its own time by itself: exactly 1.0.
@@ -132,8 +162,32 @@ def compare(op: str, impls: dict[str, Callable[..., Any]], args: Sequence[Any], 
   return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
+def timed_row(op: str, impl: str, times: Sequence[float], first_ms: float, *,
+              settings: argparse.Namespace, bytes_moved: int, flops: float | None = None,
+              **fields: Any) -> Row:
+  """One row from per-call times in ms (for timings taken outside `compare`, e.g. torch)."""
+  ms = statistics.median(times)
+  roofline_ms = bytes_moved / (settings.bandwidth_gbs * 1e9) * 1e3
+  peak = getattr(settings, "peak_tflops", None)
+  return {"op": op, "impl": impl, **fields, "ms": ms, "min_ms": min(times),
+          "first_call_ms": first_ms, "bytes": bytes_moved, "roofline_ms": roofline_ms,
+          "roofline_frac": roofline_ms / ms, "flops": flops,
+          "tflops": None if flops is None else flops / (ms * 1e-3) / 1e12,
+          "flop_frac": None if flops is None or peak is None else flops / (peak * 1e12 * ms * 1e-3)}
+
+
+def kernel_impls(names: Sequence[str]) -> list[str]:
+  """The implementations worth timing here: "pallas" only on GPU/TPU (on CPU it would run in
+  interpret mode, a correctness tool, not a speed)."""
+  on_accelerator = jax.default_backend() in ("gpu", "tpu")
+  return [n for n in names if n != "pallas" or on_accelerator]
+
+
+def add_ratio_to(rows: list[Row], baseline: Row, key: str) -> None:
+  """rows[i][key] = baseline ms / rows[i] ms (e.g. the speed relative to another library)."""
+  for r in rows:
+    r[key] = baseline["ms"] / r["ms"]
+
 
 def fwd_or_grad(fn: Callable[..., Any], args: argparse.Namespace) -> Callable[..., Any]:
   """fn(*inputs) -> y; forward only, or y's VJP (cotangent of ones) for every input under --grad."""
@@ -194,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--grad", action="store_true",
                       help="time forward+backward (a VJP) instead of the forward pass")
   parser.add_argument("--bandwidth-gbs", type=float, default=None,
-                      help="memory bandwidth for the roofline, GB/s (default: by device)")
+                      help="memory bandwidth for the roofline, GB/s (default: measured on "
+                           "GPU/TPU, nominal on CPU)")
   parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
   for case in CASES.values():
     if case.add_arguments is not None:
@@ -205,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 _COLUMNS = (("op", "op", "{}"), ("impl", "impl", "{}"), ("mode", "mode", "{}"),
             ("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("ms", "median ms", "{:.4g}"),
             ("speedup", "vs reference", "{:.2f}x"), ("roofline_ms", "roofline ms", "{:.4g}"),
-            ("roofline_frac", "of roofline", "{:.1%}"))
+            ("roofline_frac", "of roofline", "{:.1%}"), ("tflops", "TFLOP/s", "{:.3g}"),
+            ("flop_frac", "of peak FLOPs", "{:.1%}"),
+            ("vs_fla", "vs fla", "{:.2f}x"))
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -244,12 +301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   except TypeError:
     parser.error(f"--dtype: unknown dtype {args.dtype!r}")
   info = device_info()
-  bandwidth_default = args.bandwidth_gbs is None
-  if bandwidth_default:
+  source = "set by --bandwidth-gbs"
+  if args.bandwidth_gbs is None and info["platform"] != "cpu":
+    args.bandwidth_gbs, source = measure_bandwidth_gbs(), "measured by a copy"
+  elif args.bandwidth_gbs is None:
     args.bandwidth_gbs = default_bandwidth_gbs(info["platform"], info["device_kind"])
+    source = "nominal for this device; set --bandwidth-gbs"
+  args.peak_tflops = peak_tflops(info["platform"], info["device_kind"], args.dtype)
+  peak = "-" if args.peak_tflops is None else f"{args.peak_tflops:g} TFLOP/s"
   print(f"platform {info['platform']}, device {info['device_kind']} x{info['num_devices']}, "
-        f"jax {jax.__version__}, bandwidth {args.bandwidth_gbs:g} GB/s"
-        f"{' (default for this device; set --bandwidth-gbs)' if bandwidth_default else ''}")
+        f"jax {jax.__version__}, bandwidth {args.bandwidth_gbs:.4g} GB/s ({source}), "
+        f"peak {peak} ({args.dtype})")
   rows: list[Row] = []
   for op in ops:
     rows += CASES[op].run(args)

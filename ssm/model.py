@@ -14,6 +14,11 @@ compile time does not grow with depth; `remat` wraps each group in `nn.remat` wi
 policy. Parameters are float32; the blocks compute in `dtype` (e.g. bfloat16), the mixers keep
 their recurrent states and softmaxes in float32, and the logits are float32.
 
+With `seq_axis` (sequence parallelism) the model runs inside `jax.shard_map` over that mesh axis on
+one contiguous shard of every sequence (see `ssm.sequence_parallel.model_apply`): the mixers
+exchange what their equations need with the other shards (`layers.sequence_parallel`), everything
+else acts per token, and the classifier's pooling sums over all shards.
+
 `mask` ([batch, length] bool, True on real tokens) marks padding. Padded positions are zeroed before
 every block, so padding cannot reach real tokens even through a bidirectional (non-causal) mixer,
 and the classifier pools over real tokens only.
@@ -69,6 +74,7 @@ class BlockGroup(nn.Module):
   dropout: float = 0.0
   mlp_activation: str = "swiglu"
   deterministic: bool = True
+  seq_axis: str | None = None
 
   def _make_blocks(self, unbound: bool = False) -> list[blocks.ResidualBlock]:
     """The blocks as submodules, or as unbound modules (for `init_cache`)."""
@@ -76,7 +82,7 @@ class BlockGroup(nn.Module):
         d_model=self.d_model, mixer=spec.mixer, mixer_kwargs=spec.mixer_kwargs, norm=self.norm,
         prenorm=self.prenorm, dropout=self.dropout, mlp_ratio=spec.mlp_ratio,
         mlp_activation=self.mlp_activation, deterministic=self.deterministic,
-        **({"parent": None} if unbound else {"name": f"{i}_{spec.name}"}))
+        seq_axis=self.seq_axis, **({"parent": None} if unbound else {"name": f"{i}_{spec.name}"}))
         for i, spec in enumerate(self.specs)]
 
   @nn.compact
@@ -109,6 +115,7 @@ class SequenceModel(nn.Module):
   scan_layers: bool = True
   remat: str = "none"
   deterministic: bool = True
+  seq_axis: str | None = None
 
   @property
   def pattern(self) -> tuple[str, ...]:
@@ -131,10 +138,11 @@ class SequenceModel(nn.Module):
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=self.n_groups)
       self.groups = stack(self.group, self.d_model, self.norm, self.prenorm, self.dropout,
-                          self.mlp_activation, self.deterministic, name="groups")
+                          self.mlp_activation, self.deterministic, self.seq_axis, name="groups")
     else:
       self.groups = [group_cls(self.group, self.d_model, self.norm, self.prenorm, self.dropout,
-                               self.mlp_activation, self.deterministic, name=f"group_{g}")
+                               self.mlp_activation, self.deterministic, self.seq_axis,
+                               name=f"group_{g}")
                      for g in range(self.n_groups)]
     norm_cls = blocks.RMSNorm if self.norm == "rms" else blocks.LayerNorm
     self.final_norm = norm_cls() if self.prenorm else None
@@ -176,11 +184,16 @@ class SequenceModel(nn.Module):
     """[batch, length, d_model] -> [batch, d_model] over the real tokens only."""
     if mask is None:
       mask = jnp.ones(x.shape[:2], bool)
+    total = (lambda a: a) if self.seq_axis is None else (lambda a: jax.lax.psum(a, self.seq_axis))
     if self.pool == "mean":
       w = mask.astype(jnp.float32)[..., None]
-      return jnp.sum(x * w, axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
-    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
-    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+      return total(jnp.sum(x * w, axis=1)) / jnp.maximum(total(w.sum(axis=1)), 1.0)
+    # "last": the last real token of the whole sequence, held by one shard.
+    offset = 0 if self.seq_axis is None else jax.lax.axis_index(self.seq_axis) * x.shape[1]
+    last = jnp.maximum(total(jnp.sum(mask, axis=1)) - 1, 0) - offset
+    here = (last >= 0) & (last < x.shape[1])
+    picked = jnp.take_along_axis(x, jnp.clip(last, 0, x.shape[1] - 1)[:, None, None], axis=1)
+    return total(jnp.where(here[:, None], picked[:, 0], 0.0))
 
   def init_cache(self, batch_size: int, dtype=jnp.float32):
     """Fresh caches: per pattern entry, the mixer's cache stacked n_groups times. Works unbound."""
@@ -205,8 +218,9 @@ def layer_specs(model_cfg: ml_collections.ConfigDict) -> tuple[LayerSpec, ...]:
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, *, num_outputs: int, vocab_size: int = 0,
-                deterministic: bool = True) -> SequenceModel:
-  """The model a validated config describes (see ssm.config); vocab_size > 0: token inputs."""
+                deterministic: bool = True, seq_axis: str | None = None) -> SequenceModel:
+  """The model a validated config describes (see ssm.config); vocab_size > 0: token inputs;
+  seq_axis: run sequence-parallel over that mesh axis (see `ssm.sequence_parallel`)."""
   group = layer_specs(model_cfg)
   return SequenceModel(
       group=group, n_groups=model_cfg.n_layers // len(group), d_model=model_cfg.d_model,
@@ -215,7 +229,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, *, num_outputs: int, vocab
       tie_embeddings=model_cfg.tie_embeddings, norm=model_cfg.norm,
       prenorm=model_cfg.prenorm, dropout=model_cfg.dropout, mlp_activation=model_cfg.mlp_activation,
       pool=model_cfg.pool, dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
-      remat=model_cfg.remat, deterministic=deterministic)
+      remat=model_cfg.remat, deterministic=deterministic, seq_axis=seq_axis)
 
 
 def ssm_param_names(pattern: Sequence[str]) -> frozenset[str]:

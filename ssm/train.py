@@ -1,10 +1,11 @@
 """Training: the train state, AdamW with an SSM parameter group, the sharded train/eval steps, the loop.
 
 The steps are `jax.jit`-compiled with `NamedSharding`s over the config's mesh (`ssm.sharding`): the
-batch is split over data x fsdp (and its length over seq), parameters and optimizer state are
-created sharded by the logical-axis rules (no single-device copy first), and XLA inserts the
-collectives. Loss and metrics are means over the global batch, so a step gives the same result on
-any mesh. With `train.grad_accum = k` the batch runs as k microbatches whose summed gradients make
+batch is split over data x fsdp, parameters and optimizer state are created sharded by the
+logical-axis rules (no single-device copy first), and XLA inserts the collectives. On a mesh with
+a `seq` axis the length is split over it too and the model runs sequence-parallel
+(`ssm.sequence_parallel`). Loss and metrics are means over the global batch, so a step gives the
+same result on any mesh. With `train.grad_accum = k` the batch runs as k microbatches whose summed gradients make
 exactly the gradient of the whole batch.
 """
 
@@ -27,6 +28,7 @@ from ssm import checkpoint as checkpoint_lib
 from ssm import config as config_lib
 from ssm import metrics as metrics_lib
 from ssm import model as model_lib
+from ssm import sequence_parallel
 from ssm import sharding as sharding_lib
 from ssm.data import tasks
 
@@ -97,9 +99,15 @@ def lm_loss(logits, tokens, mask):
           "weight": weights.sum()}
 
 
-def compute_sums(model: nn.Module, params, batch, rng):
-  """{"loss_sum", "correct", "weight"} of a batch (float32)."""
-  logits, _ = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], rngs={"dropout": rng})
+def compute_sums(model: nn.Module, params, batch, rng, mesh: Mesh | None = None):
+  """{"loss_sum", "correct", "weight"} of a batch (float32). A model with a `seq_axis` runs
+  sequence-parallel over that axis of `mesh`."""
+  if model.seq_axis is not None:
+    logits = sequence_parallel.model_apply(model, {"params": params}, batch["tokens"], mesh=mesh,
+                                           mask=batch["mask"], rngs={"dropout": rng})
+  else:
+    logits, _ = model.apply({"params": params}, batch["tokens"], mask=batch["mask"],
+                            rngs={"dropout": rng})
   if model.head == "lm":
     return lm_loss(logits, batch["tokens"], batch["mask"])
   return classification_loss(logits, batch["label"], batch["weight"])
@@ -112,7 +120,7 @@ def microbatches(batch, k: int):
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, seed: int,
-                    grad_accum: int = 1) -> Callable:
+                    grad_accum: int = 1, mesh: Mesh | None = None) -> Callable:
   """(state, batch) -> (state, metrics). The loss is the weighted mean over the whole batch, its
   gradient summed over `grad_accum` microbatches. A non-finite loss or gradient leaves params and
   optimizer state unchanged, counts in `state.skipped`, and is reported in the metrics."""
@@ -120,7 +128,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     def loss_sum(params, batch, rng):
-      sums = compute_sums(model, params, batch, rng)
+      sums = compute_sums(model, params, batch, rng, mesh)
       return sums["loss_sum"], sums
     grad_sums = jax.grad(loss_sum, has_aux=True)
     if grad_accum == 1:
@@ -151,11 +159,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable:
+def make_eval_step(model: nn.Module, mesh: Mesh | None = None) -> Callable:
   """(params, batch) -> summed loss, correct count and weight, to be totalled over the eval set."""
 
   def eval_step(params, batch):
-    return compute_sums(model, params, batch, jax.random.PRNGKey(0))  # deterministic: no dropout
+    # The eval model is deterministic: the key draws no dropout.
+    return compute_sums(model, params, batch, jax.random.PRNGKey(0), mesh)
 
   return eval_step
 
@@ -174,8 +183,10 @@ class Trainer:
       raise config_lib.ConfigError("model.vocab_size", f"{vocab_size} is smaller than the task's "
                                    f"vocabulary ({task.vocab_size} tokens)")
     num_outputs = vocab_size if config.model.task == "lm" else task.num_classes
+    # A mesh with a seq axis runs the model sequence-parallel over it.
+    seq_axis = "seq" if self.mesh.shape["seq"] > 1 else None
     self.model = model_lib.build_model(config.model, num_outputs=num_outputs, vocab_size=vocab_size,
-                                       deterministic=False)
+                                       deterministic=False, seq_axis=seq_axis)
     self.eval_model = self.model.clone(deterministic=True)
     self.ssm_names = model_lib.ssm_param_names(self.model.pattern)
     self.replicated = NamedSharding(self.mesh, P())
@@ -196,7 +207,7 @@ class Trainer:
     computed): a restore target for `Checkpointer.restore`. Sets `state_shardings`."""
     tokens = np.asarray(example_batch["tokens"])[:1]
     mask = np.asarray(example_batch["mask"])[:1]
-    self._init_params = lambda: self.eval_model.init(
+    self._init_params = lambda: self.eval_model.clone(seq_axis=None).init(
         jax.random.PRNGKey(self.config.seed), tokens, mask=mask)["params"]
     params = jax.eval_shape(self._init_params)
     self._optimizer = make_optimizer(self.config.optim, self.config.train.num_steps, params,
@@ -227,10 +238,11 @@ class Trainer:
     state = jax.jit(init, out_shardings=shardings)()
     batch_shardings = None  # inferred from the arrays shard_batch places
     self._train_step = jax.jit(
-        make_train_step(self.model, self._optimizer, self.config.seed, self.config.train.grad_accum),
+        make_train_step(self.model, self._optimizer, self.config.seed, self.config.train.grad_accum,
+                        self.mesh),
         in_shardings=(shardings, batch_shardings), out_shardings=(shardings, self.replicated),
         donate_argnums=0)
-    self._eval_step = jax.jit(make_eval_step(self.eval_model),
+    self._eval_step = jax.jit(make_eval_step(self.eval_model, self.mesh),
                               in_shardings=(shardings.params, batch_shardings),
                               out_shardings=self.replicated)
     return state
@@ -238,7 +250,8 @@ class Trainer:
   def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
     if self._train_step is None:
       raise RuntimeError("call init_state before train_step")
-    return self._train_step(state, self.shard_batch(batch))
+    with jax.set_mesh(self.mesh):  # the Pallas kernels shard_map over it (layers.pallas.dispatch)
+      return self._train_step(state, self.shard_batch(batch))
 
   def evaluate(self, params, split: str) -> dict[str, float]:
     """Loss and accuracy over the whole split (every example once; padding examples weigh 0)."""
@@ -246,7 +259,8 @@ class Trainer:
     if self._eval_step is None:
       raise RuntimeError("call init_state before evaluate")
     for batch in self.task.eval_batches(split):
-      out = self._eval_step(params, self.shard_batch(batch))
+      with jax.set_mesh(self.mesh):
+        out = self._eval_step(params, self.shard_batch(batch))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     weight = max(float(totals["weight"]), 1e-9)

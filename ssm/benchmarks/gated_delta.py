@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from layers import gated_delta as gd_lib
-from ssm.bench import Row, compare, fwd_or_grad, int_list, register
+from ssm.bench import (Row, add_ratio_to, compare, fwd_or_grad, int_list, kernel_impls,
+                       register, timed_row)
+from ssm.benchmarks import fla_reference
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +34,18 @@ def _heads(args: argparse.Namespace) -> tuple[int, int]:
 @register("gated_delta", "gated delta rule, q/k/v [batch, L, H, d] with H = features / "
           "--gdn-head-dim", _arguments)
 def bench_gated_delta(args: argparse.Namespace) -> list[Row]:
-  """Every implementation in `IMPLEMENTATIONS` (and `xla` at --gdn-chunk-sizes), on unit-norm
-  keys, beta in (0, 1) and log decays g = -softplus(normal)."""
+  """reference, xla (also at --gdn-chunk-sizes) and, on GPU/TPU, pallas, on unit-norm keys, beta
+  in (0, 1) and log decays g = -softplus(normal); with fla importable (CUDA) also fla's
+  `chunk_gated_delta_rule`, and every row's speed relative to it ("vs fla").
+
+  FLOPs of the chunked form (chunk C = 64) per token and head: K K^T, Q K^T, W = T (beta K) at
+  2 C dk each, U = T (beta V) and the intra-chunk output at 2 C dv each, and U - W S, Q S and the
+  state update at 2 dk dv each: 6 C dk + 4 C dv + 6 dk dv; the backward about twice that."""
   dtype = jnp.dtype(args.dtype)
   h, d = _heads(args)
   impls: dict[str, Callable[..., Any]] = {
       name: lambda *a, name=name: gd_lib.gated_delta_rule(*a, impl=name)[0]
-      for name in gd_lib.IMPLEMENTATIONS}
+      for name in kernel_impls(gd_lib.IMPLEMENTATIONS)}
   for c in args.gdn_chunk_sizes:
     impls[f"xla[c={c}]"] = lambda *a, c=c: gd_lib.gated_delta_rule(*a, impl="xla",
                                                                   chunk_size=c)[0]
@@ -55,9 +62,17 @@ def bench_gated_delta(args: argparse.Namespace) -> list[Row]:
     fns = {name: fwd_or_grad(fn, args) for name, fn in impls.items()}
     # q, k, v in and out written; with --grad also d_out in and dq, dk, dv out.
     bytes_moved = (8 if args.grad else 4) * q.size * dtype.itemsize
-    rows += compare("gated_delta", fns, (q, k, v, g, beta), settings=args,
-                    bytes_moved=bytes_moved, shape="x".join(map(str, shape)), dtype=dtype.name,
-                    mode="fwd+bwd" if args.grad else "fwd")
+    flops = args.batch * length * h * (10 * 64 * d + 6 * d * d) * (3 if args.grad else 1)
+    fields = dict(settings=args, bytes_moved=bytes_moved, flops=flops,
+                  shape="x".join(map(str, shape)), dtype=dtype.name,
+                  mode="fwd+bwd" if args.grad else "fwd")
+    new = compare("gated_delta", fns, (q, k, v, g, beta), **fields)
+    if fla_reference.available():
+      times, first = fla_reference.gated_delta_times(args.batch, length, h, d, dtype.name,
+                                                     args.grad, args.repeats, args.warmup)
+      new.append(timed_row("gated_delta", "fla chunk_gated_delta_rule", times, first, **fields))
+      add_ratio_to(new, new[-1], "vs_fla")
+    rows += new
   return rows
 
 
@@ -74,7 +89,8 @@ def bench_gated_deltanet(args: argparse.Namespace) -> list[Row]:
     x = jax.random.normal(kx, shape, jnp.dtype(args.dtype))
     cot = jax.random.normal(kg, shape, jnp.dtype(args.dtype))
     modules = {name: gd_lib.GatedDeltaNet(d_model=args.features, num_heads=h, head_dim_k=d,
-                                          impl=name) for name in gd_lib.IMPLEMENTATIONS}
+                                          impl=name)
+               for name in kernel_impls(gd_lib.IMPLEMENTATIONS)}
     # Variables are arguments, not closed-over constants, so XLA cannot fold them away.
     variables = jax.jit(modules["xla"].init)(jax.random.key(1), x[:, :8])
     impls = {}

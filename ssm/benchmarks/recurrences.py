@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from layers import mamba as mamba_lib
 from layers import mamba2 as mamba2_lib
 from layers import scan as scan_lib
-from ssm.bench import Row, compare, fwd_or_grad, int_list, register
+from ssm.bench import (Row, add_ratio_to, compare, fwd_or_grad, int_list, kernel_impls,
+                       register, timed_row)
+from ssm.benchmarks import fla_reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +50,8 @@ def bench_scan(args: argparse.Namespace) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
-# ops "selective_scan" (Mamba-1) and "ssd" (Mamba-2): xla against the token-by-token reference.
+# ops "selective_scan" (Mamba-1) and "ssd" (Mamba-2): xla (and pallas on GPU/TPU) against the
+# token-by-token reference.
 
 def _mamba_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--mamba-state", type=int, default=16,
@@ -69,7 +72,7 @@ def bench_selective_scan(args: argparse.Namespace) -> list[Row]:
     a = -jnp.exp(jax.random.normal(ks[3], (d, n)))
     impls = {name: fwd_or_grad(lambda u, delta, a, b, c, name=name: mamba_lib.selective_scan(
         u, delta, a, b, c, delta_softplus=True, impl=name)[0], args)
-             for name in mamba_lib.IMPLEMENTATIONS}
+             for name in kernel_impls(mamba_lib.IMPLEMENTATIONS)}
     nbytes = u.size * dtype.itemsize
     rows += compare("selective_scan", impls, (u, delta, a, bc[0], bc[1]), settings=args,
                     bytes_moved=(5 if args.grad else 3) * nbytes,  # u, delta (, dy) in; y (, du, dd) out
@@ -81,6 +84,10 @@ def bench_selective_scan(args: argparse.Namespace) -> list[Row]:
 @register("ssd", "Mamba-2 SSD, x [batch, L, H, P] with H = features / P, B/C [batch, L, 1, 4N]",
           None)
 def bench_ssd(args: argparse.Namespace) -> list[Row]:
+  """reference, xla and (GPU/TPU) pallas; with fla importable (CUDA) also fla's
+  `chunk_simple_gla` on the same recurrence (B, C per head) and every row's speed relative to
+  it. FLOPs of the chunked form (chunk C = 64) per token and head: C B^T and its product with x
+  (2 C N + 2 C P), C h and the state update (2 N P each); the backward about twice that."""
   dtype, p, n = jnp.dtype(args.dtype), args.ssd_head_dim, 4 * args.mamba_state
   h = max(args.features // p, 1)
   rows = []
@@ -91,10 +98,18 @@ def bench_ssd(args: argparse.Namespace) -> list[Row]:
     bc = jax.random.normal(ks[2], (2, args.batch, length, 1, n), dtype)
     a = -jnp.exp(jax.random.uniform(ks[3], (h,), minval=0.0, maxval=2.7))
     impls = {name: fwd_or_grad(lambda x, dt, a, b, c, name=name: mamba2_lib.ssd(
-        x, dt, a, b, c, impl=name)[0], args) for name in mamba2_lib.IMPLEMENTATIONS}
+        x, dt, a, b, c, impl=name)[0], args)
+             for name in kernel_impls(mamba2_lib.IMPLEMENTATIONS)}
     nbytes = x.size * dtype.itemsize
-    rows += compare("ssd", impls, (x, dt, a, bc[0], bc[1]), settings=args,
-                    bytes_moved=(4 if args.grad else 2) * nbytes,  # x (, dy) in; y (, dx) out
-                    shape=f"{args.batch}x{length}x{h}x{p} N={n}", dtype=dtype.name,
-                    mode="fwd+bwd" if args.grad else "fwd")
+    flops = args.batch * length * h * (2 * 64 * (n + p) + 4 * n * p) * (3 if args.grad else 1)
+    fields = dict(settings=args, bytes_moved=(4 if args.grad else 2) * nbytes,  # x (, dy) in;
+                  flops=flops, shape=f"{args.batch}x{length}x{h}x{p} N={n}",  # y (, dx) out
+                  dtype=dtype.name, mode="fwd+bwd" if args.grad else "fwd")
+    new = compare("ssd", impls, (x, dt, a, bc[0], bc[1]), **fields)
+    if fla_reference.available():
+      times, first = fla_reference.simple_gla_times(args.batch, length, h, p, n, dtype.name,
+                                                    args.grad, args.repeats, args.warmup)
+      new.append(timed_row("ssd", "fla chunk_simple_gla", times, first, **fields))
+      add_ratio_to(new, new[-1], "vs_fla")
+    rows += new
   return rows

@@ -11,6 +11,7 @@ import pytest
 
 from layers.attention import Attention, prefix_window_attention, window_attention
 from tests.layers.mixer_testing import stream
+from tests.layers.sequence_parallel_check import sequence_parallel_errors
 from tests.numerics import rel
 
 STATIC = ("window", "causal", "softcap", "scale", "impl", "block_size")
@@ -366,3 +367,33 @@ def test_layer_parameters_and_bad_config():
   m2 = Attention(d_model=16, num_heads=4, causal=False, window=4)
   with pytest.raises(ValueError, match="causal"):
     m2.apply({"params": {}}, jnp.ones((1, 2, 16)), cache=m2.init_cache(1))
+
+
+def test_sequence_parallel_equals_whole_sequence():
+  # 4 shards of 8 tokens (and seq=2 x data=2): windows of 12 reach two neighbours (to the left;
+  # to both sides when bidirectional, the queries then in the middle of the span: q_offset),
+  # global causal and bidirectional gather the keys; GQA 2/1, block_size 4 (the xla form).
+  base = dict(num_heads=2, num_kv_heads=1, block_size=4)
+  errors = sequence_parallel_errors({
+      "sliding_12,softcap": ("attention", dict(base, window=12, softcap=5.0)),
+      "global_causal": ("attention", base),
+      "bidirectional_12,qk_norm": ("attention", dict(base, window=12, causal=False,
+                                                     qk_norm=True)),
+      "bidirectional_global": ("attention", dict(base, causal=False)),
+  })
+  for label, errs in errors.items():
+    for key, err in errs.items():
+      assert err < 1e-5, (label, key, err)
+  # q_offset: 6 queries at key indices 5..10 of 16, a bidirectional window of 4.
+  q, k, v = random_qkv(15, lq=6, lk=16)
+  want = numpy_attention(q, k, v, lambda b, i, j: abs(5 + i - j) < 4)
+  docs = dict(q_docs=np.zeros((2, 6), np.int32), kv_docs=np.zeros((2, 16), np.int32))
+  for impl in ("reference", "xla"):
+    out = prefix_window_attention(q, k, v, window=4, causal=False, q_offset=5, impl=impl,
+                                  block_size=4, **docs)
+    assert rel(out, want) < 1e-5, impl
+  with pytest.raises(ValueError, match="q_offset"):
+    prefix_window_attention(q, k, v, q_offset=11, **docs)
+  m = Attention(d_model=16, num_heads=2, seq_axis="seq")
+  with pytest.raises(ValueError, match="seq_axis"):
+    m.apply({"params": {}}, jnp.ones((1, 2, 16)), cache=m.init_cache(1))

@@ -408,3 +408,16 @@ def test_residual_block_dropout_and_errors(toy_registered):
     ResidualBlock(4, "toy_test_mixer", {"d_model": 4}).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="mixer_kwargs must be a mapping"):
     ResidualBlock(4, "toy_test_mixer", ("scale",)).init(jax.random.key(0), x)
+
+
+def test_sequence_parallel_needs_a_seq_axis_field(toy_registered):
+  x = jnp.ones((1, 4, 8))
+  block = ResidualBlock(d_model=8, mixer="toy_test_mixer", seq_axis="seq")
+  with pytest.raises(ValueError, match="'toy_test_mixer' .* has no seq_axis field"):
+    block.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="must not contain 'seq_axis'"):
+    ResidualBlock(d_model=8, mixer="s4d", mixer_kwargs=(("seq_axis", "seq"),)).init(
+        jax.random.key(0), x)
+  with pytest.raises(ValueError, match="streaming .* and seq_axis do not combine"):
+    conv = ShortConv(kernel_size=3, d_model=8, seq_axis="seq")
+    conv.init(jax.random.key(0), x, cache=conv.init_cache(1))

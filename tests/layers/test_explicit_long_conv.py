@@ -198,3 +198,24 @@ def test_errors_name_the_problem():
 def test_kernel_is_an_ssm_parameter():
   m, p, _ = make()
   assert set(LongConv.ssm_param_names) <= set(p["params"])
+
+
+
+def test_sequence_parallel_on_two_shards_and_its_errors():
+  # The comparison with the whole sequence on 4 shards, causal and bidirectional, packed or not,
+  # runs with Hyena's in one subprocess (tests/layers/test_hyena.py). Here vmap with an axis name
+  # binds the axis as shard_map would.
+  m = LongConv(d_model=4, max_length=16, num_kernels=2, kernel_init_scale=0.1)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 16, 4)), jnp.float32)
+  p = jax.jit(m.init)(jax.random.key(0), x)
+  sharded = m.clone(seq_axis="seq")
+  run = jax.jit(jax.vmap(lambda x: sharded.apply(p, x)[0], axis_name="seq"))
+  shards = lambda x, n: x.reshape(x.shape[0], n, -1, x.shape[2]).swapaxes(0, 1)
+  y = run(shards(x, 2)).swapaxes(0, 1).reshape(x.shape)
+  assert rel(y, apply(m, p, x, None, None)[0]) < 1e-5
+  with pytest.raises(ValueError, match="sequence length 32 exceeds max_length 16"):
+    run(jnp.ones((2, 1, 16, 4)))  # the whole length 2 x 16 counts, not the shard's 16
+  with pytest.raises(ValueError, match="4 channels do not divide over the 3 shards"):
+    run(shards(x[:, :12], 3))
+  with pytest.raises(ValueError, match="streaming .cache. and seq_axis do not combine"):
+    sharded.apply(p, x[:, :1], cache=m.init_cache(2))

@@ -15,6 +15,7 @@ import pytest
 from layers.gated_delta import GatedDeltaNet, delta_rule
 from layers.gated_delta import gated_delta_rule as gdr_eager
 from tests.layers.mixer_testing import stream
+from tests.layers.sequence_parallel_check import sequence_parallel_errors
 from tests.numerics import rel
 
 # Jitted once per shape: eager op-by-op dispatch would dominate the test time on CPU.
@@ -381,3 +382,13 @@ def test_layer_bad_config_names_field():
     GatedDeltaNet(d_model=16, head_dim_k=5, expand_v=1.5).init_cache(1)
   with pytest.raises(ValueError, match="d_model"):
     GatedDeltaNet(d_model=16).init(jax.random.PRNGKey(0), jnp.ones((1, 3, 8)))
+
+
+def test_sequence_parallel_equals_whole_sequence():
+  # seq_axis: the short convolutions' windows from the left neighbour, gated_delta_rule_local
+  # (run the shard from zero, then add the carried-in state); 4 shards, documents crossing shards.
+  kwargs = dict(num_heads=2, head_dim_k=8, chunk_size=4)
+  errors = sequence_parallel_errors({"causal": ("gated_deltanet", kwargs)})["causal"]
+  assert len(errors) == 5
+  for key, err in errors.items():
+    assert err < 1e-5, (key, err)

@@ -159,3 +159,29 @@ def test_filter_parameters_are_tagged_for_the_ssm_group():
   # The trainer puts every parameter under a submodule named in ssm_param_names in the SSM group.
   assert Hyena.ssm_param_names == ("implicit_filter",)
   assert {"dense_0", "dense_out", "sine_0", "bias"} <= set(p["params"]["implicit_filter"])
+
+
+def test_sequence_parallel_equals_whole_sequence():
+  # One subprocess for the long-convolution family: LongConv (causal with two kernels, and
+  # bidirectional) and Hyena, on 4 shards of 8 tokens (and seq=2 x data=2), FFT and packed paths.
+  from tests.layers.sequence_parallel_check import sequence_parallel_errors
+  errors = sequence_parallel_errors({
+      "long_conv_causal": ("long_conv", dict(max_length=32, num_kernels=2)),
+      "long_conv_bidirectional": ("long_conv", dict(max_length=32, bidirectional=True,
+                                                    smooth="frequency", smooth_window=3)),
+      "hyena_order_2": ("hyena", dict(max_length=32, order=2, filter_order=8)),
+  })
+  assert len(errors) == 3
+  for label, errs in errors.items():
+    for key, err in errs.items():
+      assert err < 1e-5, (label, key, err)
+
+
+def test_sequence_parallel_errors_name_the_problem():
+  sharded = Hyena(d_model=4, max_length=12, filter_order=8, seq_axis="seq")
+  init = lambda x, **kw: sharded.init(jax.random.key(0), x, **kw)
+  # The whole length, 2 shards x 8 tokens, must fit max_length (vmap binds the axis name).
+  with pytest.raises(ValueError, match="sequence length 16 exceeds max_length 12"):
+    jax.vmap(init, axis_name="seq")(jnp.ones((2, 1, 8, 4)))
+  with pytest.raises(ValueError, match="streaming .cache. and seq_axis do not combine"):
+    init(jnp.ones((1, 1, 4)), cache=sharded.init_cache(1))

@@ -13,6 +13,7 @@ import pytest
 
 from layers.mamba2 import Mamba2
 from layers.mamba2 import ssd as ssd_eager
+from tests.layers.sequence_parallel_check import sequence_parallel_errors
 from tests.numerics import rel
 
 # Jitted once per shape: eager op-by-op dispatch would dominate the test time on CPU.
@@ -337,3 +338,13 @@ def test_block_bad_config_names_field():
     Mamba2(d_model=16, headdim=5).init(jax.random.PRNGKey(0), jnp.ones((1, 3, 16)))
   with pytest.raises(ValueError, match="ngroups"):
     Mamba2(d_model=16, headdim=8, ngroups=3).init_cache(1, jnp.float32)
+
+
+def test_sequence_parallel_equals_whole_sequence():
+  # seq_axis: the short convolution's window from the left neighbour, ssd_local (scan the
+  # shard from zero, then add the carried-in state); 4 shards, packed documents crossing shards.
+  kwargs = dict(d_state=8, headdim=8, chunk_size=8)
+  errors = sequence_parallel_errors({"causal": ("mamba2", kwargs)})["causal"]
+  assert len(errors) == 5
+  for key, err in errors.items():
+    assert err < 1e-5, (key, err)

@@ -15,7 +15,10 @@ import layers.s4d as s4d_lib
 from layers import hippo
 from layers.s4d import (S4D, default_kernel_chunk_size, s4d_discretize, s4d_inv_init,
                         s4d_kernel, s4d_legs_init, s4d_lin_init, s4d_random_init)
+from layers.s4 import S4
+from layers.s5 import S5
 from tests.layers import mixer_testing
+from tests.layers.sequence_parallel_check import sequence_parallel_errors
 from tests.numerics import rel
 
 
@@ -721,3 +724,28 @@ def test_dropout_needs_rng_and_changes_output():
   assert rel(y1, y2) > 1e-2
   y_det, _ = apply(S4D(d_model=H, d_state=NSTATE, dropout=0.5), params, x)
   assert rel(y_det, apply(m, params, x)[0]) == 0.0
+
+
+def test_s4_family_sequence_parallel_equals_whole_sequence():
+  # One subprocess for S4D, S4 and S5: without segment ids S4D/S4 take the channel-sharded
+  # convolution, with them (the harness's packed run) the sharded recurrences; S5 always scans.
+  # A bidirectional layer runs the causal path too (plus the reverse scan / anti-causal kernel).
+  errors = sequence_parallel_errors({
+      "s4d_bidirectional": ("s4d", dict(d_state=16, bidirectional=True, n_ssm=2)),
+      "s4": ("s4", dict(d_state=8)),
+      "s4_bidirectional_zoh": ("s4", dict(d_state=8, bidirectional=True, discretization="zoh",
+                                          n_ssm=2, rank=2)),
+      "s5_bidirectional": ("s5", dict(d_state=16, bidirectional=True, blocks=2,
+                                      discretization="bilinear")),
+  })
+  for label, errs in errors.items():
+    for key, err in errs.items():
+      assert err < 1e-5, (label, key, err)
+
+
+@pytest.mark.parametrize("cls", [S4D, S4, S5])
+def test_sequence_parallel_rejects_cache(cls):
+  x = jnp.zeros((1, 4, 4))
+  cache = cls(d_model=4, d_state=4).init_cache(1)
+  with pytest.raises(ValueError, match="seq_axis"):
+    cls(d_model=4, d_state=4, seq_axis="seq").init(jax.random.key(0), x, cache=cache)

@@ -64,6 +64,22 @@ def test_default_bandwidth_by_device():
   assert bench.default_bandwidth_gbs("cpu", "cpu") > 0
 
 
+def test_peak_flops_measured_bandwidth_and_kernel_rows():
+  assert bench.peak_tflops("gpu", "NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert bench.peak_tflops("gpu", "NVIDIA H100 80GB HBM3", "float32") == 495.0
+  assert bench.peak_tflops("cpu", "cpu", "float32") is None
+  assert bench.peak_tflops("gpu", "Some Future GPU", "bfloat16") is None
+  # A copy of 8 MB takes a positive, finite time: a bandwidth in a plausible range (GB/s).
+  assert 0.1 < bench.measure_bandwidth_gbs(8) < 1e5
+  # On CPU the Pallas kernels would run in interpret mode: not timed.
+  assert bench.kernel_impls(["reference", "xla", "pallas"]) == ["reference", "xla"]
+  from ssm.benchmarks import fla_reference
+  assert not fla_reference.available()  # no torch/fla/CUDA in the test environment
+  rows = [{"ms": 2.0}, {"ms": 4.0}]
+  bench.add_ratio_to(rows, rows[1], "vs_fla")
+  assert [r["vs_fla"] for r in rows] == [2.0, 1.0]
+
+
 def test_unknown_op_is_a_usage_error(capsys):
   with pytest.raises(SystemExit) as info:
     bench.main(["--ops", "nosuchop"])

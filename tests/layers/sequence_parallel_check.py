@@ -1,0 +1,89 @@
+"""Sequence-parallel checks of mixers, run in a subprocess with several CPU devices.
+
+`sequence_parallel_errors(cases)` starts `python -m tests.layers.sequence_parallel_check` with 4
+host devices. For each case (mixer name, constructor kwargs) it builds the mixer twice, whole-sequence
+and with `seq_axis="seq"`, and compares on random inputs [2, 32, 16] (one document, and packed
+documents) the outputs and the gradients (of a random projection of the outputs, with respect to
+the inputs and every parameter) of
+  - the mixer over the whole sequence on one device, and
+  - the seq_axis mixer on 4 shards of 8 tokens inside `jax.shard_map` over a mesh axis "seq"
+    (and on seq=2 x data=2, the batch split over "data").
+Returns {case: {"forward": e, "forward_packed": e, "grad": e, "grad_packed": e, "forward_2d": e}}
+(relative errors, see tests.numerics.rel).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.devices import ROOT, run_on_cpu_devices
+
+DEVICES = 4
+
+
+def sequence_parallel_errors(cases: dict[str, tuple[str, dict]], *, length: int = 32,
+                             d_model: int = 16, timeout: int = 1200) -> dict[str, dict]:
+  spec = json.dumps({"cases": cases, "length": length, "d_model": d_model})
+  return run_on_cpu_devices(["-m", "tests.layers.sequence_parallel_check", spec], DEVICES,
+                            timeout=timeout)
+
+
+def _main(spec: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, PartitionSpec as P
+
+  from layers import blocks
+  from tests.numerics import rel
+
+  assert jax.device_count() == DEVICES, jax.devices()
+  rng = np.random.default_rng(0)
+  length, d = spec["length"], spec["d_model"]
+  x = jnp.asarray(rng.normal(size=(2, length, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, length, d)), jnp.float32)
+  seg = jnp.asarray(np.sort(rng.integers(0, 4, (2, length)), axis=1), jnp.int32)
+  seq4 = Mesh(np.asarray(jax.devices()).reshape(4), ("seq",))
+  seq2_data2 = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "seq"))
+  flat = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+  out = {}
+  for label, (name, kwargs) in spec["cases"].items():
+    cls = blocks.get_mixer(name)
+    whole = cls(d_model=d, **kwargs)
+    sharded = cls(d_model=d, seq_axis="seq", **kwargs)
+    variables = whole.init(jax.random.PRNGKey(0), x)
+
+    def run_whole(v, x, s):
+      return whole.apply(v, x, segment_ids=s)[0]
+
+    def run_sharded(mesh, batch_axis, with_segments):
+      xs = P(batch_axis, "seq", None)
+      ss = P(batch_axis, "seq")
+      body = lambda v, x, s: sharded.apply(v, x, segment_ids=s if with_segments else None)[0]
+      return jax.shard_map(body, mesh=mesh, in_specs=(P(), xs, ss), out_specs=xs,
+                           check_vma=False)
+
+    errors = {}
+    for tag, s in (("", None), ("_packed", seg)):
+      f_sp = run_sharded(seq4, None, s is not None)
+      s_in = seg if s is None else s
+      ref = jax.jit(run_whole)(variables, x, s)
+      got = jax.jit(f_sp)(variables, x, s_in)
+      errors["forward" + tag] = rel(got, ref)
+      loss_ref = lambda v, x: jnp.sum(run_whole(v, x, s) * w)
+      loss_sp = lambda v, x: jnp.sum(f_sp(v, x, s_in) * w)
+      g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1)))(variables, x)
+      g_sp = jax.jit(jax.grad(loss_sp, argnums=(0, 1)))(variables, x)
+      errors["grad" + tag] = rel(flat(g_sp), flat(g_ref))
+    ref = jax.jit(run_whole)(variables, x, None)
+    errors["forward_2d"] = rel(jax.jit(run_sharded(seq2_data2, "data", False))(variables, x, seg),
+                               ref)
+    out[label] = errors
+  return out
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(ROOT))
+  print(json.dumps(_main(json.loads(sys.argv[1]))))
