@@ -1,6 +1,6 @@
 """ssm.sequence_parallel.model_apply: models with their sequences split over 4 devices of the `seq`
-axis give the logits and parameter gradients of the unsharded model: an LM with every causal mixer
-kind and packed documents, a classifier of bidirectional mixers with padding and mean pooling,
+axis give the logits and parameter gradients of the unsharded model: an LM with packed documents,
+a classifier of bidirectional mixers with padding and mean pooling,
 and one with last-token pooling. (Each mixer on seq=2 x data=2: tests/layers, through
 sequence_parallel_check; the train step on seq=4 x data=2: tests/ssm/test_sharding.py.)"""
 
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from tests.devices import ROOT, run_on_cpu_devices
 
+# One mixer per kind of exchange: a recurrence (carried-in state), a sliding window (halo) and a
+# long convolution (all-to-all). Every mixer kind runs sequence-parallel inside a whole train
+# step in tests/ssm/test_sharding.py (seq=4 x data=2) and alone in tests/layers.
 CAUSAL = dict(
-    pattern="s4d,s5,mamba,mamba2,long_conv,hyena,attention,gated_deltanet",
-    mixers=dict(s4d=dict(d_state=8), s5=dict(d_state=8), mamba=dict(d_state=4),
-                mamba2=dict(d_state=8, headdim=8, chunk_size=8),
-                long_conv=dict(max_length=32), hyena=dict(max_length=32, filter_order=8),
+    pattern="mamba2,attention,long_conv",
+    mixers=dict(mamba2=dict(d_state=8, headdim=8, chunk_size=8),
                 attention=dict(num_heads=2, num_kv_heads=1, window=6, block_size=4),
-                gated_deltanet=dict(num_heads=2, head_dim_k=8, chunk_size=4)))
+                long_conv=dict(max_length=32)))
 LAST = dict(pattern="mamba2", mixers=dict(mamba2=dict(d_state=8, headdim=8, chunk_size=8)))
 BIDIRECTIONAL = dict(
     pattern="s4d,long_conv,attention",
