@@ -113,3 +113,22 @@ def check_documents_do_not_mix(m, params, x, seg) -> None:
   cut = CUTS[0]
   assert jac[:cut, cut:].max() == 0.0 and jac[cut:, :cut].max() == 0.0
   assert jac[:cut, :cut].min() > 0 and jac[cut:, cut:].min() > 0
+
+
+def check_bf16_against_float64(names, fast, reference, float64) -> None:
+  """An op's bf16-input fast path against its reference form on the same bf16 inputs and against
+  float64 on the same (bf16-valued) inputs. Each of fast, reference, float64 is
+  (output, final_state, gradients). Both forms accumulate in float32 (gradients too) and keep the
+  state in float32, so against float64 only the final round-to-nearest bf16 of each output and
+  gradient remains: under 2^-8 = 3.9e-3 relative per element, hence in norm; 5e-3 catches a sum
+  done in bf16. The issues' bound between implementations is 1e-2."""
+  (out, final, grads), (out_ref, final_ref, grads_ref), (out64, final64, grads64) = (
+      fast, reference, jax.tree.map(np.asarray, float64))
+  assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32  # the state stays float32
+  assert rel(out, out_ref) < 1e-2 and rel(out, out64) < 5e-3 and rel(out_ref, out64) < 5e-3
+  for got, ref in ((final, final_ref), (final, final64), (final_ref, final64)):
+    assert rel(got, ref) < 1e-5
+  for name, g, g_ref, g64 in zip(names, grads, grads_ref, grads64):
+    assert g.dtype == jnp.bfloat16
+    assert rel(g, g_ref) < 1e-2, name
+    assert rel(g, g64) < 5e-3 and rel(g_ref, g64) < 5e-3, name

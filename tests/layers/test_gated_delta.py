@@ -14,7 +14,7 @@ import pytest
 
 from layers.gated_delta import GatedDeltaNet, delta_rule
 from layers.gated_delta import gated_delta_rule as gdr_eager
-from tests.layers.mixer_testing import stream
+from tests.layers.mixer_testing import check_bf16_against_float64, stream
 from tests.layers.sequence_parallel_check import sequence_parallel_errors
 from tests.numerics import rel
 
@@ -162,22 +162,11 @@ def test_xla_matches_reference_bf16_inputs():
   args = [jnp.asarray(a, jnp.bfloat16) for a in random_inputs(2, length=37)]
   seg = packed_segments(2, 37)
   wo, wf = _weights(3, args, jnp.bfloat16)
-  out, final, grads = _outputs_and_grads("xla", args, 8, seg, wo, wf)
-  out_ref, final_ref, grads_ref = _outputs_and_grads("reference", args, 8, seg, wo, wf)
   with jax.enable_x64(True):  # float64 on the same (bf16-valued) inputs
     args64 = [jnp.asarray(a, jnp.float64) for a in args]
-    out64, final64, grads64 = jax.tree.map(
-        np.asarray, _outputs_and_grads("reference", args64, 8, seg, wo, wf))
-  assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32  # the state stays float32
-  # Both accumulate in float32 (gradients too), so against float64 only the final rounding to
-  # bf16 remains: under 2^-8 relative per element. 5e-3 catches a sum done in bf16.
-  assert rel(out, out_ref) < 1e-2 and rel(out, out64) < 5e-3 and rel(out_ref, out64) < 5e-3
-  for got, ref in ((final, final_ref), (final, final64), (final_ref, final64)):
-    assert rel(got, ref) < 1e-5
-  for name, g, g_ref, g64 in zip(NAMES, grads, grads_ref, grads64):
-    assert g.dtype == jnp.bfloat16
-    assert rel(g, g_ref) < 1e-2, name
-    assert rel(g, g64) < 5e-3 and rel(g_ref, g64) < 5e-3, name
+    float64 = _outputs_and_grads("reference", args64, 8, seg, wo, wf)
+  check_bf16_against_float64(NAMES, _outputs_and_grads("xla", args, 8, seg, wo, wf),
+                             _outputs_and_grads("reference", args, 8, seg, wo, wf), float64)
 
 
 def test_forward_mode_matches_reference():
