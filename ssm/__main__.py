@@ -6,6 +6,8 @@
   python -m ssm generate --config ... --workdir DIR --prompt-tokens 1,2,3 [--max-new-tokens 32]
                      [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--random-init]
   python -m ssm bench [--ops scan] [--lengths ...]                   (see `python -m ssm bench --help`)
+  python -m ssm report RUN_DIR [RUN_DIR ...] [--out DIR] [--skip-bad] (results table and plots)
+  python -m ssm tasks                                                (the data tasks and their settings)
 """
 
 from __future__ import annotations
@@ -159,7 +161,24 @@ def bench(argv: list[str]) -> int:
   return bench_lib.main(argv)
 
 
-COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "info": info, "bench": bench}
+def report(argv: list[str]) -> int:
+  from ssm import report as report_lib
+  return report_lib.main(argv)
+
+
+def list_tasks(argv: list[str]) -> int:
+  if argv:
+    print("usage: python -m ssm tasks", file=sys.stderr)
+    return 2
+  from ssm.data import tasks
+  for name, spec in sorted(tasks.task_specs().items()):
+    settings = ", ".join(f"{k}={v!r}" for k, v in spec.fields.items()) or "none"
+    print(f"{name} ({spec.kind}): {spec.description}\n    settings: {settings}")
+  return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "info": info, "bench": bench,
+            "report": report, "tasks": list_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

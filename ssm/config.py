@@ -4,7 +4,8 @@ A config is an `ml_collections.ConfigDict` with five sections, each filled from 
 then overridden by an experiment file's `get_config(arg)`:
 
   model   the network: a pattern of mixer names repeated to `n_layers`, sizes, norms, head
-  data    the task and its pipeline (`ssm.data.tasks.load_task` reads it)
+  data    the task `data.name` and its settings: the common fields and the task's own
+          (`ssm.data.tasks`; setting data.name swaps in that task's fields with their defaults)
   optim   AdamW with an SSM parameter group, warmup + cosine, clipping
   mesh    the device mesh: sizes of the data / fsdp / tensor / seq axes (`ssm.sharding`)
   train   steps, gradient accumulation, evaluation, logging and checkpoint cadence
@@ -23,7 +24,7 @@ import ml_collections
 
 from layers import blocks
 
-TASKS = ("classify", "lm")
+TASKS = ("classify", "retrieval", "lm")
 INPUTS = ("tokens", "continuous")
 POOLS = ("mean", "last")
 NORMS = ("layer", "rms")
@@ -46,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.task = "classify"  # classify | lm
+  c.model.task = "classify"  # classify | retrieval (two-tower, pairs of sequences) | lm
   c.model.input = "tokens"  # tokens (embedding table) | continuous (linear encoder)
   c.model.d_input = 1  # feature size of continuous inputs
   c.model.vocab_size = 0  # token vocabulary of the embedding / LM head; 0: the task's
@@ -68,23 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True  # repeated groups under nn.scan: compile time flat in depth
   c.model.remat = "none"  # none | full | dots | dots_no_batch: checkpoint policy of each group
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "lra_listops"
-  c.data.data_dir = "data/tfds"
-  c.data.manual_dir = ml_collections.config_dict.placeholder(str)  # None: generate the data
-  c.data.seq_len = 2048
-  c.data.batch_size = 32
-  c.data.eval_batch_size = 64
-  c.data.num_train = 96_000
-  c.data.num_val = 2_000
-  c.data.num_test = 2_000
-  c.data.min_length = 500
-  c.data.max_length = 2_000
-  c.data.max_depth = 10
-  c.data.max_args = 10
-  c.data.gen_seed = 0
-  c.data.operator_prob = ml_collections.config_dict.placeholder(float)  # None: chosen from the lengths
-  c.data.truncate = False
+  # The common data fields plus the settings of the task data.name names (ssm.data.tasks);
+  # setting data.name (in build / merge / an override) swaps in that task's settings.
+  c.data = data_section("lra_listops")
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -110,7 +97,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500  # 0: no checkpoints
   c.train.keep_checkpoints = 3
   c.train.progress_bar = True
+  # LM tasks over a corpus stream: after training, the per-position validation loss at these
+  # multiples of data.seq_len (e.g. (2, 4, 8)), on `extrapolation_examples` windows each.
+  c.train.extrapolation = ()
+  c.train.extrapolation_examples = 64
   return c
+
+
+def data_section(task: str, keep: ml_collections.ConfigDict | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The `data` section of `task`: its fields and defaults (`ssm.data.tasks.task_fields`), with
+  the common fields' values taken from `keep` (the section it replaces) when given."""
+  from ssm.data import tasks  # here: ssm.data imports this module
+  fields = tasks.task_fields(task)
+  if keep is not None:
+    fields.update({k: keep[k] for k in tasks.COMMON_FIELDS if k in keep and k != "name"})
+  return ml_collections.ConfigDict(fields)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -141,6 +143,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
+    if field == "data.name":
+      merge(config, {"data": {"name": value}})
+      continue
     *parents, key = field.split(".")
     node = config
     for i, part in enumerate(parents):
@@ -165,6 +170,11 @@ def merge(base: ml_collections.ConfigDict, overrides: dict, prefix: str = "") ->
 
   `model.mixers` is open: it holds the keyword arguments of whichever mixers the pattern names.
   """
+  if prefix == "data." and "name" in overrides and overrides["name"] != base.get("name"):
+    swapped = data_section(overrides["name"], keep=base)
+    for k in list(base.keys()):
+      del base[k]
+    base.update(swapped)
   for key, value in overrides.items():
     field = f"{prefix}{key}"
     if key not in base:
@@ -233,6 +243,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
   _check(isinstance(m.mlp_ratio, (int, float)) and m.mlp_ratio >= 0, "model.mlp_ratio",
          f"must be a number >= 0, got {m.mlp_ratio!r}")
+  _check(m.task != "retrieval" or m.input == "tokens", "model.input",
+         "the two-tower retrieval head reads token pairs (model.input 'tokens')")
   _check(not m.tie_embeddings or (m.task == "lm" and m.input == "tokens"), "model.tie_embeddings",
          "needs an LM (model.task 'lm') over token inputs (model.input 'tokens')")
   _check(isinstance(m.vocab_size, int) and m.vocab_size >= 0, "model.vocab_size",

@@ -80,3 +80,37 @@ def plot_curves(workdir: str | pathlib.Path, *, majority_rate: float | None = No
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def position_means(per_position, buckets: int = 128):
+  """Loss-by-position curves are noisy per position: the means over `buckets` equal spans of
+  positions, as (span centres, means), two float64 [min(buckets, len)] arrays (NaNs ignored)."""
+  import numpy as np
+  values = np.asarray(per_position, dtype=np.float64)
+  spans = np.array_split(np.arange(values.size), min(buckets, values.size))
+  return (np.array([s.mean() for s in spans]),
+          np.array([np.nanmean(values[s]) if np.isfinite(values[s]).any() else np.nan
+                    for s in spans]))
+
+
+def plot_extrapolation(record: Mapping, path: str | pathlib.Path) -> None:
+  """Draws the loss by position of each evaluated length (`Trainer.extrapolation`'s record:
+  {"train_length", "unit", "lengths": {length: {"per_position": [...]}}}), as `position_means`,
+  with the training length marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for length, result in sorted(record["lengths"].items(), key=lambda kv: int(kv[0])):
+    ax.plot(*position_means(result["per_position"]), label=f"length {length}")
+  ax.axvline(record["train_length"], color="gray", linestyle="--", label="training length")
+  ax.set_xlabel("position")
+  ax.set_ylabel("loss (nats per token)")
+  ax.set_xlim(left=0)
+  ax.set_title("loss by position (means over spans of positions)")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -5,7 +5,13 @@
       -> n_groups x (the group: one residual block per pattern entry)
       -> final norm (pre-norm models only: post-norm blocks end normalised)
       -> head: classifier  = pooling over real tokens (mean or last) + Dense  [batch, num_classes]
+               retrieval   = the same trunk and pooling on both documents of a pair, u and v,
+                             then an MLP on [u, v, u * v, u - v] (the LRA two-tower head)
+                                                                              [batch, num_classes]
                LM          = Dense to the vocabulary                          [batch, length, vocab]
+
+Retrieval inputs are pairs side by side: tokens [batch, length, 2] and mask [batch, length, 2];
+the two documents run through the trunk as one batch of 2 * batch sequences.
 
 A pattern entry (`LayerSpec`) names a mixer type from the registry (`layers.blocks`), its keyword
 arguments and the MLP ratio of its block (0: no MLP, as in Mamba models). With `scan_layers` the
@@ -152,13 +158,20 @@ class SequenceModel(nn.Module):
                        f"{self.num_outputs})")
     if not self.tie_embeddings:
       self.out = nn.Dense(self.num_outputs)
+    if self.head == "retrieval":
+      self.pair_hidden = nn.Dense(self.d_model)
 
   def __call__(self, inputs, *, mask=None, segment_ids=None, cache=None):
-    """inputs [batch, length] int or [batch, length, d_input]; mask [batch, length] bool.
+    """inputs [batch, length] int or [batch, length, d_input]; mask [batch, length] bool
+    (retrieval: [batch, length, 2] both).
 
     Returns (outputs, cache): float32 logits [batch, num_classes] for a classifier, [batch, length,
     vocab] for an LM; `cache` (see the module docstring) when streaming, else None.
     """
+    pairs = self.head == "retrieval"
+    if pairs:  # [batch, length, 2] -> [2 * batch, length]: first documents, then second ones
+      inputs = jnp.concatenate([inputs[..., 0], inputs[..., 1]], axis=0)
+      mask = None if mask is None else jnp.concatenate([mask[..., 0], mask[..., 1]], axis=0)
     x = self.embed(inputs).astype(DTYPES[self.dtype])
     keep = None if mask is None else mask[..., None].astype(x.dtype)
     if self.scan_layers:
@@ -178,7 +191,11 @@ class SequenceModel(nn.Module):
       return jnp.einsum("bld,vd->blv", x, table.astype(jnp.float32)), new_cache
     if self.head == "lm":
       return self.out(x), new_cache
-    return self.out(self._pool(x, mask)), new_cache
+    pooled = self._pool(x, mask)
+    if pairs:
+      u, v = jnp.split(pooled, 2, axis=0)
+      pooled = nn.gelu(self.pair_hidden(jnp.concatenate([u, v, u * v, u - v], axis=-1)))
+    return self.out(pooled), new_cache
 
   def _pool(self, x, mask):
     """[batch, length, d_model] -> [batch, d_model] over the real tokens only."""

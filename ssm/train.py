@@ -11,6 +11,8 @@ exactly the gradient of the whole batch.
 
 from __future__ import annotations
 
+import json
+import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -88,29 +90,68 @@ def classification_loss(logits, labels, weights):
           "weight": weights.sum()}
 
 
-def lm_loss(logits, tokens, mask):
-  """Next-token cross-entropy summed over the targets: logits [batch, length, vocab] predict
-  tokens[:, 1:] where mask is True. Returns the sums as `classification_loss` does."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets, weights = tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
+def lm_targets(batch) -> tuple[jax.Array, jax.Array]:
+  """(targets, weights) [batch, length] of an LM batch: the position-t target is batch["targets"]
+  [t] where the task gives targets (IGNORE_INDEX: none), else the next token tokens[t + 1] while
+  it is real. Weights are 0 where there is no target and on eval-filler examples."""
+  if "targets" in batch:
+    targets, weights = batch["targets"], batch["targets"] >= 0
+  else:
+    tokens, mask = batch["tokens"], batch["mask"]
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    weights = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
+  weights = weights.astype(jnp.float32)
+  if "weight" in batch:
+    weights = weights * batch["weight"][:, None]
+  return jnp.maximum(targets, 0), weights
+
+
+def token_losses(logits, targets):
+  """Cross-entropy and correctness per position: logits [batch, length, vocab], targets
+  [batch, length] -> two float32 [batch, length]."""
+  logits = logits.astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return nll, (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+
+
+def lm_loss(logits, batch):
+  """Cross-entropy summed over the targets of `lm_targets`; returns the sums as
+  `classification_loss` does (accuracy: of the argmax over those targets)."""
+  targets, weights = lm_targets(batch)
+  nll, correct = token_losses(logits, targets)
   return {"loss_sum": (nll * weights).sum(), "correct": (correct * weights).sum(),
           "weight": weights.sum()}
 
 
-def compute_sums(model: nn.Module, params, batch, rng, mesh: Mesh | None = None):
-  """{"loss_sum", "correct", "weight"} of a batch (float32). A model with a `seq_axis` runs
-  sequence-parallel over that axis of `mesh`."""
+def model_logits(model: nn.Module, params, batch, rng, mesh: Mesh | None = None):
+  """The model's outputs on a batch; a model with a `seq_axis` runs sequence-parallel over that
+  axis of `mesh`."""
   if model.seq_axis is not None:
-    logits = sequence_parallel.model_apply(model, {"params": params}, batch["tokens"], mesh=mesh,
-                                           mask=batch["mask"], rngs={"dropout": rng})
-  else:
-    logits, _ = model.apply({"params": params}, batch["tokens"], mask=batch["mask"],
-                            rngs={"dropout": rng})
+    return sequence_parallel.model_apply(model, {"params": params}, batch["tokens"], mesh=mesh,
+                                         mask=batch["mask"], rngs={"dropout": rng})
+  return model.apply({"params": params}, batch["tokens"], mask=batch["mask"],
+                     rngs={"dropout": rng})[0]
+
+
+def compute_sums(model: nn.Module, params, batch, rng, mesh: Mesh | None = None):
+  """{"loss_sum", "correct", "weight"} of a batch (float32)."""
+  logits = model_logits(model, params, batch, rng, mesh)
   if model.head == "lm":
-    return lm_loss(logits, batch["tokens"], batch["mask"])
+    return lm_loss(logits, batch)
   return classification_loss(logits, batch["label"], batch["weight"])
+
+
+def make_position_loss_step(model: nn.Module, mesh: Mesh | None = None) -> Callable:
+  """(params, batch) -> {"loss_sum", "weight"} float32 [length]: the summed cross-entropy and
+  target count at each position over the batch (for loss-by-position curves)."""
+
+  def position_loss_step(params, batch):
+    targets, weights = lm_targets(batch)
+    logits = model_logits(model, params, batch, jax.random.PRNGKey(0), mesh)
+    nll, _ = token_losses(logits, targets)
+    return {"loss_sum": (nll * weights).sum(0), "weight": weights.sum(0)}
+
+  return position_loss_step
 
 
 def microbatches(batch, k: int):
@@ -169,6 +210,28 @@ def make_eval_step(model: nn.Module, mesh: Mesh | None = None) -> Callable:
   return eval_step
 
 
+def check_task(model_cfg, task: tasks.Task) -> None:
+  """ConfigError naming the model field that does not fit the task's data. An LM (model.task
+  "lm") may also model the token sequences of a classification task, ignoring the labels."""
+  fits = model_cfg.task == task.kind or (model_cfg.task == "lm" and task.kind == "classify")
+  if not fits:
+    raise config_lib.ConfigError("model.task", f"task {task.name!r} is a {task.kind!r} task, "
+                                 f"got {model_cfg.task!r}")
+  if task.d_input and (model_cfg.input, model_cfg.d_input) != ("continuous", task.d_input):
+    raise config_lib.ConfigError(
+        "model.input", f"task {task.name!r} gives float features of size {task.d_input}: set "
+        f"model.input='continuous' and model.d_input={task.d_input}")
+  if not task.d_input and model_cfg.input != "tokens":
+    raise config_lib.ConfigError("model.input", f"task {task.name!r} gives token ids: set "
+                                 "model.input='tokens'")
+
+
+def lm_metrics(loss: float, unit: str) -> dict[str, float]:
+  """An LM's mean cross-entropy (nats per token) as bits per token (named by the task's unit:
+  bits_per_byte, bits_per_base ...) and perplexity."""
+  return {f"bits_per_{unit}": loss / math.log(2), "perplexity": math.exp(min(loss, 700.0))}
+
+
 class Trainer:
   """Owns the compiled steps for one config on one mesh. `init_state` / `train_step` / `evaluate`
   are usable on their own (the tests drive them directly); `run` is the whole loop."""
@@ -178,6 +241,7 @@ class Trainer:
     self.task = task
     self.mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     config_lib.validate(config, num_devices=self.mesh.size)
+    check_task(config.model, task)
     vocab_size = config.model.vocab_size or task.vocab_size
     if vocab_size < task.vocab_size:
       raise config_lib.ConfigError("model.vocab_size", f"{vocab_size} is smaller than the task's "
@@ -193,6 +257,7 @@ class Trainer:
     self._optimizer = None
     self._train_step = None
     self._eval_step = None
+    self._position_loss_step = None
     self.state_shardings = None
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -245,6 +310,9 @@ class Trainer:
     self._eval_step = jax.jit(make_eval_step(self.eval_model, self.mesh),
                               in_shardings=(shardings.params, batch_shardings),
                               out_shardings=self.replicated)
+    self._position_loss_step = jax.jit(make_position_loss_step(self.eval_model, self.mesh),
+                                       in_shardings=(shardings.params, batch_shardings),
+                                       out_shardings=self.replicated)
     return state
 
   def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
@@ -264,8 +332,55 @@ class Trainer:
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     weight = max(float(totals["weight"]), 1e-9)
-    return {"loss": float(totals["loss_sum"]) / weight, "accuracy": float(totals["correct"]) / weight,
-            "examples": float(totals["weight"])}
+    loss = float(totals["loss_sum"]) / weight
+    lm = self.model.head == "lm"
+    out = {"loss": loss, "accuracy": float(totals["correct"]) / weight,
+           "targets" if lm else "examples": float(totals["weight"])}
+    if lm:
+      out.update(lm_metrics(loss, self.task.unit))
+    return out
+
+  def loss_by_position(self, params, split: str, seq_len: int, max_examples: int) -> dict:
+    """The LM loss at each position of windows of `seq_len` tokens (the first `max_examples`
+    windows of `split`): {"loss": mean over all targets, "per_position": float list
+    [seq_len - 1] (position t predicts token t + 1), "windows": count}."""
+    if self._position_loss_step is None:
+      raise RuntimeError("call init_state before loss_by_position")
+    totals = None
+    batches = self.task.eval_batches(split, seq_len=seq_len, max_examples=max_examples)
+    for batch in batches:
+      with jax.set_mesh(self.mesh):
+        out = self._position_loss_step(params, self.shard_batch(batch))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = totals["weight"][:-1]
+    per_position = totals["loss_sum"][:-1] / np.maximum(count, 1e-9)
+    loss = float(totals["loss_sum"].sum() / max(totals["weight"].sum(), 1e-9))
+    return {"loss": loss, **lm_metrics(loss, self.task.unit),
+            "per_position": per_position.tolist(), "windows": batches.num_examples}
+
+  def extrapolation(self, params, workdir: pathlib.Path, log: Callable = print) -> dict | None:
+    """Length extrapolation of an LM over a corpus stream: `loss_by_position` on validation
+    windows of each `train.extrapolation` multiple of data.seq_len (and of seq_len itself),
+    written to workdir/extrapolation.json and plotted to extrapolation.png."""
+    factors = tuple(self.config.train.extrapolation)
+    if not factors or self.model.head != "lm" or not self.task.is_stream:
+      return None
+    train_length = self.task.seq_len
+    lengths = {}
+    for factor in (1,) + factors:
+      length = int(factor * train_length)
+      result = self.loss_by_position(params, "validation", length,
+                                     self.config.train.extrapolation_examples)
+      lengths[str(length)] = result
+      log(f"extrapolation: length {length} ({factor}x) loss {result['loss']:.4f} "
+          f"bits/{self.task.unit} {result[f'bits_per_{self.task.unit}']:.4f} on "
+          f"{result['windows']} windows")
+    record = {"train_length": train_length, "unit": self.task.unit, "lengths": lengths}
+    if jax.process_index() == 0:
+      (workdir / "extrapolation.json").write_text(json.dumps(record))
+      metrics_lib.plot_extrapolation(record, workdir / "extrapolation.png")
+    return record
 
   def run(self, workdir: str | pathlib.Path, *, stop_at: int | None = None, log: Callable = print) -> dict:
     """Trains to `train.num_steps` (resuming from the newest checkpoint in `workdir`), evaluating on
@@ -320,8 +435,9 @@ class Trainer:
       if step >= cfg.num_steps:
         result["validation"] = self._log_eval(writer, state, step, "validation", log)
         result["test"] = self._log_eval(writer, state, step, "test", log)
-        if self.config.model.task == "classify":
+        if self.model.head != "lm":
           result["majority_rate"] = self.task.majority_rate("test")
+        result["extrapolation"] = self.extrapolation(state.params, workdir, log)
       result["state"] = state
       result["data_state"] = data_iter.get_state()
       return result

@@ -20,13 +20,17 @@ with `builder.as_data_source(split)`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from ssm.config import ConfigError
 from ssm.data import listops
+from ssm.data.prepared import (Prepared, TaskSpec, from_builder, prepare_builder, setting_float,
+                               setting_int)
 
 RELEASE_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv",
                  "test": "basic_test.tsv"}
@@ -204,3 +208,56 @@ class LraListops(tfds.core.GeneratorBasedBuilder):
     # Runs when the split is fully written, before DatasetInfo (and this metadata) is saved.
     self.info.metadata["label_counts"][split] = counts
     self.info.metadata["max_num_tokens"][split] = max_tokens
+
+
+# The `config.data` settings of the task (see ssm.data.prepared): the generator's, used when
+# `data.manual_dir` is None.
+FIELDS = {"num_train": 96_000, "num_val": 2_000, "num_test": 2_000, "min_length": 500,
+          "max_length": 2_000, "max_depth": 10, "max_args": 10, "gen_seed": 0,
+          "operator_prob": None}
+
+
+def builder_config(settings: Mapping[str, Any], manual_dir: str | None) -> LraListopsConfig:
+  """The builder config of `settings` (FIELDS): the release files, or the generator's settings
+  checked with ConfigErrors naming the field."""
+  if manual_dir is not None:
+    return LraListopsConfig.release()
+  gen = {k: setting_int(settings, k, 0 if k in ("min_length", "gen_seed") else 1)
+         for k in FIELDS if k != "operator_prob"}
+  for k in ("max_depth", "max_args"):
+    if gen[k] < 2:
+      raise ConfigError(f"data.{k}", f"must be >= 2, got {gen[k]}")
+  if gen["max_length"] <= max(gen["min_length"] + 1, 4):
+    raise ConfigError("data.max_length",
+                      f"no token count n satisfies data.min_length={gen['min_length']} < n < "
+                      f"data.max_length={gen['max_length']} (the smallest expression has 4)")
+  biggest = listops.max_possible_tokens(gen["max_depth"], gen["max_args"])
+  if biggest <= gen["min_length"]:
+    raise ConfigError("data.min_length",
+                      f"{gen['min_length']} is unreachable: the largest expression with "
+                      f"data.max_depth={gen['max_depth']}, data.max_args={gen['max_args']} has "
+                      f"{biggest} tokens")
+  p = settings["operator_prob"]
+  if p is not None:
+    p = setting_float(settings, "operator_prob", 0.0, 1.0)
+    if p == 0:
+      raise ConfigError("data.operator_prob", "must be in (0, 1] or None, got 0")
+  return LraListopsConfig.generated(
+      num_train=gen["num_train"], num_val=gen["num_val"], num_test=gen["num_test"],
+      min_length=gen["min_length"], max_length=gen["max_length"], max_depth=gen["max_depth"],
+      max_args=gen["max_args"], seed=gen["gen_seed"], operator_prob=p)
+
+
+def load(settings: Mapping[str, Any], *, data_dir: str | None,
+         manual_dir: str | None) -> Prepared:
+  """Writes the dataset under data_dir once (release files from manual_dir, else generated)."""
+  builder = LraListops(config=builder_config(settings, manual_dir), data_dir=data_dir,
+                       file_format="array_record")
+  prepare_builder(builder, manual_dir)
+  return from_builder(builder, kind="classify", vocab_size=listops.VOCAB_SIZE,
+                      num_classes=listops.NUM_CLASSES)
+
+
+TASK_SPECS = {"lra_listops": TaskSpec(
+    kind="classify", fields=FIELDS, load=load,
+    description="LRA ListOps: the value 0..9 of a nested list expression (release or generated)")}

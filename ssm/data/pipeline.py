@@ -1,7 +1,8 @@
-"""Grain pipelines for sequence classification: padded, masked batches for training and eval.
+"""Grain pipelines: padded, masked batches for training and eval.
 
-The source is any random-access sequence of examples {"tokens": int array [num_tokens],
-"label": int} - a TFDS data source (`builder.as_data_source(split)`) or a plain list.
+The source is any random-access sequence of examples (a TFDS data source, a list, the windows of
+a token stream) in the format of `ssm.data.prepared`: "tokens" int [n] (or float [n, d]
+features), optionally "tokens2" int [m] (a second document), "label" int, "targets" int [n].
 
 Train:  source -> pad to seq_len -> this process's shard (every process_count-th example)
         -> shuffle (seeded; a new permutation each epoch) -> repeat forever -> batch.
@@ -11,10 +12,13 @@ Eval:   source -> this process's shard -> pad -> one pass, no shuffle; the last 
         that ran out).
 
 Batches are dicts of numpy arrays (batch_size is per process):
-  "tokens" int32 [batch, seq_len]   token ids, 0 after the end
-  "mask"   bool  [batch, seq_len]   True on real tokens
-  "label"  int32 [batch]
-  "weight" float32 [batch]          1 for real examples, 0 for eval filler
+  "tokens"  int32 [batch, seq_len]     token ids, 0 after the end; float32 [batch, seq_len, d]
+                                       for features; int32 [batch, seq_len, 2] for pairs
+                                       ("tokens" and "tokens2" side by side)
+  "mask"    bool  [batch, seq_len]     True on real tokens ([batch, seq_len, 2] for pairs)
+  "label"   int32 [batch]              when the examples have labels
+  "targets" int32 [batch, seq_len]     when the examples have targets; IGNORE_INDEX after the end
+  "weight"  float32 [batch]            1 for real examples, 0 for eval filler
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+
+from ssm.data.prepared import IGNORE_INDEX, TokenStream
 
 Batch = dict[str, np.ndarray]
 
@@ -40,28 +46,87 @@ class ExampleTooLongError(ValueError):
   """An example has more tokens than the pipeline's seq_len (and truncate is off)."""
 
 
-def pad_example(example: Mapping[str, Any], *, index: int, seq_len: int, truncate: bool = False,
-                weight: float = 1.0) -> dict[str, np.ndarray]:
-  """Pads one example's tokens with 0 to `[seq_len]` and adds its mask and weight.
-
-  `index` is the example's index in the source; it only serves the error message.
-  Raises ExampleTooLongError if it has more than seq_len tokens and truncate is False;
-  with truncate=True only the first seq_len tokens are kept.
-  """
-  tokens = np.asarray(example["tokens"], dtype=np.int32).reshape(-1)
-  n = tokens.shape[0]
+def _pad(values: np.ndarray, *, index: int, seq_len: int, truncate: bool, fill, field: str):
+  """values [n, ...] -> ([seq_len, ...] padded with `fill`, n kept)."""
+  n = values.shape[0]
   if n > seq_len:
     if not truncate:
       raise ExampleTooLongError(
-          f"example {index} has {n} tokens, more than seq_len={seq_len}; raise seq_len "
+          f"example {index} has {n} {field}, more than seq_len={seq_len}; raise seq_len "
           f"(data.seq_len) or pass truncate=True (data.truncate) to keep the first "
           f"seq_len tokens")
-    tokens, n = tokens[:seq_len], seq_len
-  padded = np.zeros((seq_len,), dtype=np.int32)
-  padded[:n] = tokens
-  return {"tokens": padded, "mask": np.arange(seq_len) < n,
-          "label": np.asarray(example["label"], dtype=np.int32),
-          "weight": np.asarray(weight, dtype=np.float32)}
+    values, n = values[:seq_len], seq_len
+  padded = np.full((seq_len,) + values.shape[1:], fill, dtype=values.dtype)
+  padded[:n] = values
+  return padded, n
+
+
+def pad_example(example: Mapping[str, Any], *, index: int, seq_len: int, truncate: bool = False,
+                weight: float = 1.0) -> dict[str, np.ndarray]:
+  """Pads one example to `seq_len` positions and adds its mask and weight (see the module doc).
+
+  `index` is the example's index in the source; it only serves the error message.
+  Raises ExampleTooLongError if a sequence is longer than seq_len and truncate is False;
+  with truncate=True only the first seq_len positions are kept.
+  """
+  pad = lambda v, fill, field: _pad(v, index=index, seq_len=seq_len, truncate=truncate,
+                                    fill=fill, field=field)
+  tokens = np.asarray(example["tokens"])
+  if np.issubdtype(tokens.dtype, np.floating):
+    tokens = tokens.astype(np.float32).reshape(tokens.shape[0], -1)
+  else:
+    tokens = tokens.astype(np.int32).reshape(-1)
+  out = {}
+  out["tokens"], n = pad(tokens, 0, "tokens")
+  out["mask"] = np.arange(seq_len) < n
+  if "tokens2" in example:
+    second, m = pad(np.asarray(example["tokens2"], dtype=np.int32).reshape(-1), 0, "tokens")
+    out["tokens"] = np.stack([out["tokens"], second], axis=-1)
+    out["mask"] = np.stack([out["mask"], np.arange(seq_len) < m], axis=-1)
+  if "targets" in example:
+    out["targets"], _ = pad(np.asarray(example["targets"], dtype=np.int32).reshape(-1),
+                            IGNORE_INDEX, "targets")
+  if "label" in example:
+    out["label"] = np.asarray(example["label"], dtype=np.int32)
+  out["weight"] = np.asarray(weight, dtype=np.float32)
+  return out
+
+
+class StreamWindows(Sequence):
+  """A token stream as consecutive windows: example i = {"tokens": tokens[i*L : (i+1)*L]}
+  (int32 [L]); the last partial window is dropped. An LM predicts tokens[t+1] from tokens[:t+1]
+  inside each window."""
+
+  def __init__(self, stream: TokenStream, window: int):
+    _check_positive(window, "window")
+    self._tokens, self._window = stream.tokens, int(window)
+
+  def __len__(self) -> int:
+    return int(self._tokens.shape[0]) // self._window
+
+  def __getitem__(self, i):
+    if not 0 <= i < len(self):
+      raise IndexError(f"window {i} out of range for {len(self)}")
+    w = self._window
+    return {"tokens": np.asarray(self._tokens[i * w:(i + 1) * w], dtype=np.int32)}
+
+
+class _First(Sequence):
+  def __init__(self, source: Sequence, n: int):
+    self._source, self._n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self._n:
+      raise IndexError(i)
+    return self._source[i]
+
+
+def first(source: Sequence, n: int) -> Sequence:
+  """The first n examples of `source` (all of them when it has fewer)."""
+  return _First(source, n)
 
 
 def _check_positive(value: int, name: str) -> None:

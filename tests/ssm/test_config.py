@@ -9,7 +9,7 @@ from ssm import config as config_lib
 LISTOPS = "experiments/lra/listops.py"
 
 
-@pytest.mark.parametrize("path", [LISTOPS, LISTOPS + ":cpu"])
+@pytest.mark.parametrize("path", [LISTOPS + ":s4d", LISTOPS + ":cpu"])
 def test_experiment_configs_validate(path):
   config = config_lib.load_config_file(path)
   config_lib.validate(config, num_devices=1)
@@ -23,7 +23,7 @@ def test_preset_keeps_unmentioned_mixer_settings():
 
 
 def test_unknown_preset_and_missing_file():
-  with pytest.raises(ValueError, match="unknown preset 'gpu9'.*known: cpu"):
+  with pytest.raises(ValueError, match="unknown preset 'gpu9'.*known: s5, s4d, cpu"):
     config_lib.load_config_file(LISTOPS + ":gpu9")
   with pytest.raises(FileNotFoundError, match="nope.py"):
     config_lib.load_config_file("experiments/nope.py")

@@ -135,3 +135,33 @@ def test_lm_streaming_through_the_model_cache_equals_the_parallel_form():
     y, cache = apply(params, tokens[:, start:end], cache)
     outs.append(y)
   assert rel(np.concatenate(outs, axis=1), full) < 1e-5
+
+
+def test_two_tower_head_is_the_pooled_trunk_of_each_document():
+  """Retrieval: logits = out(gelu(pair_hidden([u, v, u*v, u-v]))) with u, v the pooled trunk
+  outputs of each document run on its own; and padding of either document does not matter."""
+  model = _model(task="retrieval")
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 12, (3, 10, 2)).astype(np.int32)
+  mask = np.ones((3, 10, 2), bool)
+  mask[0, 6:, 0] = False
+  mask[1, 3:, 1] = False
+  params = model.init(jax.random.PRNGKey(0), tokens, mask=mask)
+  logits, _ = model.apply(params, tokens, mask=mask)
+  assert logits.shape == (3, 7)
+  # The trunk alone: the same parameters in a plain classifier whose head returns the pooled
+  # features (an identity "out" layer of size d_model).
+  trunk = model.clone(head="classify", num_outputs=16)
+  trunk_params = {"params": {k: v for k, v in params["params"].items()
+                             if k not in ("out", "pair_hidden")}}
+  trunk_params["params"]["out"] = {"kernel": np.eye(16, dtype=np.float32),
+                                   "bias": np.zeros(16, np.float32)}
+  u, _ = trunk.apply(trunk_params, tokens[..., 0], mask=mask[..., 0])
+  v, _ = trunk.apply(trunk_params, tokens[..., 1], mask=mask[..., 1])
+  p = params["params"]
+  hidden = jax.nn.gelu(np.concatenate([u, v, u * v, u - v], -1) @ p["pair_hidden"]["kernel"]
+                       + p["pair_hidden"]["bias"])
+  expected = hidden @ p["out"]["kernel"] + p["out"]["bias"]
+  assert rel(logits, expected) < 1e-5
+  scrambled = np.where(mask, tokens, rng.integers(1, 12, tokens.shape)).astype(np.int32)
+  assert rel(model.apply(params, scrambled, mask=mask)[0], logits) < 1e-6

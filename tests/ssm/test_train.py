@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssm import config as config_lib
 from ssm import train as train_lib
 from ssm.data import tasks
 from tests.numerics import rel
@@ -141,23 +142,6 @@ def test_cli_reports_bad_config_and_data(tmp_path, bad, message):
   assert message in proc.stderr, proc.stderr[-3000:]
 
 
-def test_cli_train_end_to_end(tmp_path):
-  cmd = [sys.executable, "-m", "ssm", "train", "--config", "experiments/lra/listops.py:cpu",
-         "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={tmp_path / 'tfds'}",
-         "--config.data.num_train=200", "--config.data.num_val=40", "--config.data.num_test=40",
-         "--config.data.max_length=60", "--config.data.seq_len=64", "--config.data.max_depth=3",
-         "--config.model.n_layers=2", "--config.train.num_steps=10", "--config.optim.warmup_steps=2",
-         "--config.train.eval_every=5", "--config.train.checkpoint_every=5", "--config.train.log_every=5",
-         "--config.data.eval_batch_size=32"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "test accuracy" in proc.stdout and "majority-class rate" in proc.stdout
-  result = json.loads((tmp_path / "run" / "result.json").read_text())
-  assert result["step"] == 10 and result["test"]["examples"] == 40
-  assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
-  assert list((tmp_path / "run" / "tensorboard").iterdir())
-
-
 def test_param_groups_by_submodule_name():
   # A Hyena filter is a submodule: every parameter under it joins the SSM group, whatever its leaf
   # name ("kernel" elsewhere is an ordinary weight).
@@ -183,3 +167,64 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny):
     results.append((float(m["loss"]), np.concatenate([np.ravel(a) for a in leaves])))
   assert abs(results[1][0] - results[0][0]) < 1e-6 * abs(results[0][0])
   assert rel(results[1][1], results[0][1]) < 1e-6
+
+
+def _byte_lm(tmp_path, **data):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f"{i}.txt").write_text(f"file {i}: " + "state space models " * 12)
+  return config_lib.build(
+      name="lm", model=dict(task="lm", d_model=16, n_layers=2, pattern="mamba",
+                            mixers=dict(mamba=dict(d_state=4))),
+      data=dict(name="text_folder", path=str(corpus), data_dir=str(tmp_path / "cache"),
+                seq_len=16, batch_size=4, eval_batch_size=4, val_fraction=0.2,
+                test_fraction=0.2, **data),
+      optim=dict(warmup_steps=1), train=dict(num_steps=2, progress_bar=False))
+
+
+def test_lm_loss_by_position_matches_a_float64_reference_and_the_mean_loss(tmp_path):
+  config = _byte_lm(tmp_path)
+  trainer = _trainer(config)
+  state = trainer.init_state(next(iter(trainer.task.eval_batches("validation"))))
+  params = jax.device_get(state.params)
+  result = trainer.loss_by_position(params, "validation", 32, max_examples=3)
+  windows = [trainer.task.source("validation", 32)[i]["tokens"] for i in range(3)]
+  tokens = np.stack(windows)
+  logits, _ = trainer.eval_model.apply({"params": params}, tokens, mask=np.ones_like(tokens, bool))
+  logits = np.asarray(logits, np.float64)[:, :-1]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]  # [3, 31]
+  assert result["windows"] == 3 and len(result["per_position"]) == 31
+  assert rel(np.asarray(result["per_position"]), nll.mean(0)) < 1e-5
+  assert result["loss"] == pytest.approx(nll.mean(), rel=1e-5)
+  assert result["bits_per_byte"] == pytest.approx(nll.mean() / np.log(2), rel=1e-5)
+  # The whole split at the training length: the same mean as `evaluate`.
+  full = trainer.loss_by_position(params, "validation", 16, max_examples=0)
+  assert full["loss"] == pytest.approx(trainer.evaluate(params, "validation")["loss"], rel=1e-5)
+
+
+def test_lm_targets_use_explicit_targets_and_drop_eval_filler():
+  tokens = jnp.array([[5, 6, 7, 0], [8, 9, 0, 0]])
+  mask = tokens > 0
+  weight = jnp.array([1.0, 0.0])
+  targets, weights = train_lib.lm_targets({"tokens": tokens, "mask": mask, "weight": weight})
+  np.testing.assert_array_equal(targets[0], [6, 7, 0, 0])
+  np.testing.assert_array_equal(weights, [[1, 1, 0, 0], [0, 0, 0, 0]])
+  explicit = jnp.array([[-100, 3, -100, -100], [4, -100, -100, -100]])
+  targets, weights = train_lib.lm_targets({"tokens": tokens, "mask": mask, "targets": explicit,
+                                           "weight": jnp.ones(2)})
+  np.testing.assert_array_equal(weights, [[0, 1, 0, 0], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(targets, [[0, 3, 0, 0], [4, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("model, field", [
+    (dict(task="classify"), "model.task"),
+    (dict(input="continuous"), "model.input"),
+])
+def test_model_that_does_not_fit_the_task_is_named(tmp_path, model, field):
+  config = _byte_lm(tmp_path)
+  config_lib.merge(config, dict(model=model))
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    _trainer(config)

@@ -187,3 +187,37 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="process 3 of 4 gets no training example"):
     pipeline.train_iterator(make_source(3), batch_size=1, seq_len=9, seed=0, process_index=3,
                             process_count=4)
+
+
+def test_pairs_targets_and_features_are_padded_each_in_their_way():
+  rng = np.random.default_rng(0)
+  pair = {"tokens": rng.integers(1, 9, 3), "tokens2": rng.integers(1, 9, 5), "label": 1}
+  out = pipeline.pad_example(pair, index=0, seq_len=6)
+  assert out["tokens"].shape == (6, 2) and out["mask"].shape == (6, 2)
+  np.testing.assert_array_equal(out["tokens"][:, 0], np.r_[pair["tokens"], 0, 0, 0])
+  np.testing.assert_array_equal(out["tokens"][:, 1], np.r_[pair["tokens2"], 0])
+  np.testing.assert_array_equal(out["mask"].sum(0), [3, 5])
+  lm = {"tokens": rng.integers(1, 9, 4), "targets": np.array([-100, 3, -100, 7])}
+  out = pipeline.pad_example(lm, index=0, seq_len=6)
+  np.testing.assert_array_equal(out["targets"], [-100, 3, -100, 7, -100, -100])
+  assert "label" not in out
+  features = {"tokens": rng.normal(size=(4, 3)), "label": 0}
+  out = pipeline.pad_example(features, index=0, seq_len=6)
+  assert out["tokens"].dtype == np.float32 and out["tokens"].shape == (6, 3)
+  np.testing.assert_allclose(out["tokens"][:4], features["tokens"], rtol=1e-6)
+  np.testing.assert_array_equal(out["tokens"][4:], 0)
+  with pytest.raises(pipeline.ExampleTooLongError, match="example 7 has 5 tokens"):
+    pipeline.pad_example(pair, index=7, seq_len=4)
+
+
+def test_stream_windows_and_first():
+  stream = pipeline.TokenStream(np.arange(1, 24, dtype=np.uint16))
+  windows = pipeline.StreamWindows(stream, 5)
+  assert len(windows) == 4  # 23 tokens: the partial fifth window is dropped
+  np.testing.assert_array_equal(windows[3]["tokens"], np.arange(16, 21))
+  assert windows[3]["tokens"].dtype == np.int32
+  with pytest.raises(IndexError):
+    windows[4]
+  head = pipeline.first(windows, 2)
+  assert len(head) == 2 and head[1]["tokens"][0] == 6
+  assert len(pipeline.first(windows, 10)) == 4
