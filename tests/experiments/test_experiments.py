@@ -157,7 +157,7 @@ def test_pathx_cpu_preset_trains_on_16k_sequences(tmp_path):
   losses, workdir = train(tmp_path, "lra/pathx.py:cpu", "--config.data.num_train=16",
                           "--config.data.num_val=4", "--config.data.num_test=4",
                           "--config.data.batch_size=4", "--config.data.eval_batch_size=4",
-                          "--config.train.num_steps=20", "--config.train.log_every=5")
+                          "--config.train.num_steps=12", "--config.train.log_every=3")
   assert_learns(losses, 1.0)
   assert json.loads((workdir / "config.json").read_text())["data"]["seq_len"] == 16_384
 

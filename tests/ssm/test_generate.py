@@ -21,6 +21,28 @@ from tests.ssm.test_model import LM_PATTERN, _lm
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def assert_greedy_recomputation(apply, params, tokens, *, prompt_length):
+  """tokens [batch, L] (a prompt of prompt_length, then generated tokens) are what recomputing the
+  full forward pass at every step and taking the argmax gives.
+
+  One forward pass over all of `tokens` gives every step's logits at once (one compile instead of
+  one per prefix length): an LM's logits at position t depend only on tokens[:, :t + 1], so they
+  are the last-position logits of the forward pass over that prefix. That causality is checked
+  here on the same input, with the same compiled function: replacing every token after t leaves
+  the logits at t unchanged."""
+  logits = np.asarray(apply(params, tokens)[0])
+  length = tokens.shape[1]
+  rng = np.random.default_rng(0)
+  for t in range(prompt_length - 1, length - 1):
+    future = tokens.copy()
+    future[:, t + 1:] = (tokens[:, t + 1:] + rng.integers(1, logits.shape[-1], (
+        tokens.shape[0], length - t - 1))) % logits.shape[-1]
+    np.testing.assert_allclose(np.asarray(apply(params, future)[0])[:, t], logits[:, t],
+                               rtol=1e-5, atol=1e-5 * np.abs(logits[:, t]).max())
+  np.testing.assert_array_equal(tokens[:, prompt_length:],
+                                np.argmax(logits[:, prompt_length - 1:-1], -1))
+
+
 def test_greedy_generation_equals_full_recomputation():
   model = _lm(LM_PATTERN, 7)
   prompt = np.random.default_rng(0).integers(0, 11, (2, 6)).astype(np.int32)
@@ -28,12 +50,7 @@ def test_greedy_generation_equals_full_recomputation():
   out = np.asarray(generate(model, params, jnp.asarray(prompt), jax.random.key(0),
                             max_new_tokens=7))
   assert out.shape == (2, 13) and (out[:, :6] == prompt).all()
-  apply = jax.jit(model.apply)
-  tokens = prompt
-  for _ in range(7):
-    logits = apply(params, tokens)[0]
-    tokens = np.concatenate([tokens, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
-  np.testing.assert_array_equal(out, tokens)
+  assert_greedy_recomputation(jax.jit(model.apply), params, out, prompt_length=6)
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():
@@ -70,7 +87,7 @@ def test_cli_generate_from_the_initial_parameters(tmp_path):
   trainer = train_lib.Trainer(config, tasks.load_task(config.data, seed=config.seed))
   tokens = np.asarray([[5, 6, 7]], np.int32)
   params = trainer.init_state({"tokens": tokens, "mask": np.ones((1, 3), bool)}).params
-  for _ in range(4):
-    logits = trainer.eval_model.apply({"params": params}, tokens)[0]
-    tokens = np.concatenate([tokens, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
-  assert out["prompt"] == [5, 6, 7] and out["generated"] == tokens[0, 3:].tolist()
+  assert out["prompt"] == [5, 6, 7] and len(out["generated"]) == 4
+  assert_greedy_recomputation(jax.jit(trainer.eval_model.apply), {"params": params},
+                              np.asarray([out["prompt"] + out["generated"]], np.int32),
+                              prompt_length=3)

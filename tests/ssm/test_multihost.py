@@ -5,16 +5,13 @@ one process with 4 devices; the checkpoint they write together restores in the s
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
 import sys
 
 from ssm.data import tasks
+from tests.devices import ROOT, cpu_devices_env
 from tests.ssm.conftest import tiny_config
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _WORKER = """
 import json, sys
@@ -76,9 +73,8 @@ def test_two_processes_train_like_one(tmp_path):
   port = str(_free_port())
 
   def launch(pid, nproc, devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, "-c", script, str(pid), str(nproc), port], env=env,
+    return subprocess.Popen([sys.executable, "-c", script, str(pid), str(nproc), port],
+                            env=cpu_devices_env(devices),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
   workers = [launch(pid, 2, 2) for pid in range(2)]
