@@ -91,9 +91,10 @@ def evaluate(argv: list[str]) -> int:
   from ssm import checkpoint, train as train_lib
   trainer = train_lib.Trainer(config, task)
   state = trainer.init_state(next(iter(task.eval_batches("validation"))))
-  restored = checkpoint.Checkpointer(workdir / "checkpoints", every=0).restore(state)
+  ckpt_dir = checkpoint.checkpoint_dir(config.train, workdir)
+  restored = checkpoint.Checkpointer(ckpt_dir, every=0).restore(state)
   if restored is None:
-    print(f"no checkpoint in {workdir / 'checkpoints'}", file=sys.stderr)
+    print(f"no checkpoint in {ckpt_dir}", file=sys.stderr)
     return 1
   state, _, step = restored
   print(json.dumps({"step": step, "split": args.split, **trainer.evaluate(state.params, args.split)}))
@@ -124,9 +125,10 @@ def generate(argv: list[str]) -> int:
   state = trainer.init_state(batch)
   step = 0
   if not args.random_init:
-    restored = checkpoint.Checkpointer(workdir / "checkpoints", every=0).restore(state)
+    ckpt_dir = checkpoint.checkpoint_dir(config.train, workdir)
+    restored = checkpoint.Checkpointer(ckpt_dir, every=0).restore(state)
     if restored is None:
-      print(f"no checkpoint in {workdir / 'checkpoints'} (pass --random-init to sample from the "
+      print(f"no checkpoint in {ckpt_dir} (pass --random-init to sample from the "
             "initial parameters)", file=sys.stderr)
       return 1
     state, _, step = restored

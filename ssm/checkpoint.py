@@ -12,17 +12,30 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_dir(train_cfg, workdir: str | pathlib.Path) -> str | pathlib.Path:
+  """A run's checkpoint folder: `train.checkpoint_dir` if set (a path or a URL such as
+  gs://bucket/run), else <workdir>/checkpoints."""
+  return train_cfg.checkpoint_dir or pathlib.Path(workdir) / "checkpoints"
+
+
+def _resolve(directory: str | pathlib.Path) -> epath.Path:
+  """Local paths made absolute (orbax needs that); URLs (gs://, s3://, ...) as they are."""
+  return epath.Path(directory if "://" in str(directory) else pathlib.Path(directory).absolute())
 
 
 class Checkpointer:
   """Saves and restores {"state": pytree of arrays, "data": JSON-serialisable iterator state}."""
 
   def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int = 3, async_save: bool = True):
+    """directory: a local path or a URL orbax can write (gs://bucket/path)."""
     self.every = every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(every, 1), enable_async_checkpointing=async_save,
         create=True)
-    self._manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    self._manager = ocp.CheckpointManager(_resolve(directory), options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

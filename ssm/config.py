@@ -96,6 +96,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 500  # 0: evaluate only at the end
   c.train.checkpoint_every = 500  # 0: no checkpoints
   c.train.keep_checkpoints = 3
+  # Where checkpoints go: "" = <workdir>/checkpoints; or any path orbax can write, e.g. a bucket
+  # (gs://bucket/run), which a multi-host run needs: every host writes its shards there.
+  c.train.checkpoint_dir = ""
+  # Trace `profile_steps` train steps from step `profile_start` (after compilation) into
+  # <workdir>/profile (TensorBoard / XProf); 0 steps: no trace.
+  c.train.profile_start = 10
+  c.train.profile_steps = 0
   c.train.progress_bar = True
   # LM tasks over a corpus stream: after training, the per-position validation loss at these
   # multiples of data.seq_len (e.g. (2, 4, 8)), on `extrapolation_examples` windows each.
@@ -301,6 +308,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
   _positive_int(t.num_steps, "train.num_steps")
   _positive_int(t.log_every, "train.log_every")
   _positive_int(t.keep_checkpoints, "train.keep_checkpoints")
-  for field in ("eval_every", "checkpoint_every"):
+  _check(isinstance(t.checkpoint_dir, str), "train.checkpoint_dir",
+         f"must be a path or URL string ('' for <workdir>/checkpoints), got {t.checkpoint_dir!r}")
+  for field in ("eval_every", "checkpoint_every", "profile_start", "profile_steps"):
     value = t[field]
     _check(isinstance(value, int) and value >= 0, f"train.{field}", f"must be >= 0, got {value!r}")

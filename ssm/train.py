@@ -395,23 +395,27 @@ class Trainer:
     data_iter = self.task.train_iterator()
     first = next(iter(self.task.eval_batches("validation")))
     state = self.init_state(first)
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=cfg.checkpoint_every,
+    ckpt_dir = checkpoint_lib.checkpoint_dir(cfg, workdir)
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every=cfg.checkpoint_every,
                                        keep=cfg.keep_checkpoints)
     restored = ckpt.restore(state)
     if restored is not None:
       state, data_state, step = restored
       data_iter.set_state(data_state)
-      log(f"resumed from step {step} in {workdir / 'checkpoints'}")
+      log(f"resumed from step {step} in {ckpt_dir}")
     writer = metrics_lib.MetricWriter(workdir)
     end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
     step = int(state.step)
     bar = _progress(step, cfg.num_steps, enabled=cfg.progress_bar)
     window: list[dict] = []
     t0 = time.time()
+    profiler = _StepProfiler(workdir / "profile", cfg.profile_start, cfg.profile_steps, log)
     try:
       while step < end:
+        profiler.before_step(step)
         state, m = self.train_step(state, next(data_iter))
         step += 1
+        profiler.after_step(step, m)
         window.append(m)
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
@@ -442,6 +446,7 @@ class Trainer:
       result["data_state"] = data_iter.get_state()
       return result
     finally:
+      profiler.stop()
       ckpt.close()
       writer.close()
 
@@ -450,6 +455,32 @@ class Trainer:
     writer.write(split, step, m)
     log(metrics_lib.format_metrics(split, step, m))
     return m
+
+
+class _StepProfiler:
+  """A `jax.profiler` trace of train steps [start, start + steps) into `directory` (every process
+  writes its own host's trace there); steps = 0: nothing."""
+
+  def __init__(self, directory: pathlib.Path, start: int, steps: int, log: Callable):
+    self.directory, self.start, self.end, self.log = directory, start, start + steps, log
+    self.enabled, self.active = steps > 0, False
+
+  def before_step(self, step: int) -> None:
+    if self.enabled and not self.active and self.start <= step < self.end:
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+
+  def after_step(self, step: int, metrics: Any) -> None:
+    if self.active and step >= self.end:
+      jax.block_until_ready(metrics)  # the traced steps have run, not only been queued
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      self.log(f"profile of steps {self.start}..{self.end - 1} written to {self.directory} "
+               "(tensorboard --logdir or xprof)")
 
 
 class _NoBar:

@@ -48,10 +48,18 @@ def test_loss_goes_down(tiny):
 
 
 def test_stopped_and_resumed_run_matches_uninterrupted(tiny, tmp_path):
+  """Also: the resumed run keeps its checkpoints in train.checkpoint_dir (outside its workdir)
+  and traces step 5 with the profiler, neither of which changes a number."""
   full = _trainer(tiny).run(tmp_path / "full", log=lambda *_: None)
+  tiny.train.checkpoint_dir = str(tmp_path / "bucket" / "run")
   first = _trainer(tiny).run(tmp_path / "resumed", stop_at=4, log=lambda *_: None)
   assert first["step"] == 4 and "test" not in first
+  assert (tmp_path / "bucket" / "run" / "4").is_dir()
+  assert not (tmp_path / "resumed" / "checkpoints").exists()
+  tiny.train.update(profile_start=4, profile_steps=1)
   resumed = _trainer(tiny).run(tmp_path / "resumed", log=lambda *_: None)
+  traces = list((tmp_path / "resumed" / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
   assert resumed["step"] == full["step"] == tiny.train.num_steps
   assert int(resumed["state"].step) == int(full["state"].step) == 6
   for a, b in zip(jax.tree.leaves(resumed["state"].params), jax.tree.leaves(full["state"].params)):
