@@ -111,7 +111,9 @@ class SequenceModel(nn.Module):
   head: str = "classify"
   num_outputs: int = 10  # classes, or the vocabulary size of an LM
   vocab_size: int = 0  # > 0: token inputs through an embedding table
-  tie_embeddings: bool = False  # LM head = the embedding table transposed
+  # LM head = the embedding table transposed, scaled by 1/sqrt(d_model) (as T5): the table is
+  # N(0, 1) for the input, and unscaled its logits would start with a spread of sqrt(d_model).
+  tie_embeddings: bool = False
   norm: str = "layer"
   prenorm: bool = True
   dropout: float = 0.0
@@ -188,7 +190,8 @@ class SequenceModel(nn.Module):
     x = x.astype(jnp.float32)
     if self.tie_embeddings:
       table = self.embed.variables["params"]["embedding"]
-      return jnp.einsum("bld,vd->blv", x, table.astype(jnp.float32)), new_cache
+      logits = jnp.einsum("bld,vd->blv", x, table.astype(jnp.float32))
+      return logits * self.d_model ** -0.5, new_cache
     if self.head == "lm":
       return self.out(x), new_cache
     pooled = self._pool(x, mask)

@@ -6,11 +6,12 @@ from the config's `mesh` section, `-1` meaning "the devices left over".
 
 Logical axes name what a dimension is; `LOGICAL_RULES` is the one table mapping them to mesh axes.
 Parameters get logical axes from their shape (layers stay free of sharding code): under the
-scanned groups the leading axis is `layers`; a dimension of size d_model is `embed`; the largest
-other dimension of a matrix is `mlp` (hidden units, heads x head_dim, vocabulary); everything else
-is replicated. A dimension is only sharded over mesh axes whose size divides it, so every model
-fits every mesh; jit with these shardings computes the same numbers on any mesh (XLA inserts the
-collectives), only faster or slower.
+scanned groups the leading axis is `layers`; a dimension of size d_model is `embed` (of a square
+kernel, the last one for an output projection, else the first); the largest other dimension of a
+matrix is `mlp` (hidden units, heads x head_dim, vocabulary); everything else is replicated. A
+dimension is only sharded over mesh axes whose size divides it, so every model fits every mesh;
+jit with these shardings computes the same numbers on any mesh (XLA inserts the collectives), only
+faster or slower.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) ->
   return P(*parts)
 
 
+# Modules whose kernel maps features back to the residual stream ([features, d_model]).
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "w2")
+
+
 def param_logical_axes(path: tuple[Any, ...], shape: tuple[int, ...], d_model: int
                        ) -> tuple[str | None, ...]:
   """Logical axes of one parameter from its path and shape (see the module docstring)."""
@@ -110,7 +115,11 @@ def param_logical_axes(path: tuple[Any, ...], shape: tuple[int, ...], d_model: i
     axes[0], start = "layers", 1
   dims = list(range(start, len(shape)))
   if len(dims) >= 2:
-    embed = next((i for i in dims if shape[i] == d_model), None)
+    candidates = [i for i in dims if shape[i] == d_model]
+    # A square projection [d_model, d_model]: an output projection reads heads / hidden units and
+    # writes the residual stream, so its embed dimension is the last (Megatron's row split).
+    output = any(name in OUTPUT_PROJECTIONS for name in names)
+    embed = (candidates[-1] if output else candidates[0]) if candidates else None
     if embed is not None:
       axes[embed] = "embed"
       others = [i for i in dims if i != embed]

@@ -88,6 +88,33 @@ def _lm(pattern, n_layers, **model):
 LM_PATTERN = "s4d,mamba,mamba2,long_conv,hyena,attention,gated_deltanet"
 
 
+def test_tied_lm_head_is_the_scaled_embedding_and_starts_near_uniform():
+  """logits = final_norm(x) @ E^T / sqrt(d_model). At initialisation the loss is then within a
+  couple of nats of log(vocab) (the residual stream still holds the current token's embedding, so
+  its own logit stands out by about sqrt(d_model)); unscaled it starts near d_model nats."""
+  vocab, d = 256, 64
+  cfg = config_lib.build(model=dict(task="lm", d_model=d, n_layers=2, pattern="mamba,attention",
+                                    norm="rms", prenorm=True, tie_embeddings=True,
+                                    mixers=dict(mamba={}, attention=dict(num_heads=2))))
+  model = model_lib.build_model(cfg.model, num_outputs=vocab, vocab_size=vocab)
+  tokens = jax.random.randint(jax.random.key(3), (4, 32), 0, vocab)
+  params = model.init(jax.random.key(4), tokens)
+  logits, _ = model.apply(params, tokens)
+  hidden = model.apply(params, tokens, method=lambda m, t: m.final_norm(_trunk(m, t)))
+  table = np.asarray(params["params"]["embed"]["embedding"], np.float64)
+  expected = np.einsum("bld,vd->blv", np.asarray(hidden, np.float64), table) / np.sqrt(d)
+  assert rel(logits, expected) < 1e-5
+  log_probs = jax.nn.log_softmax(logits[:, :-1])
+  loss = -float(np.mean(np.take_along_axis(np.asarray(log_probs), np.asarray(tokens)[:, 1:, None],
+                                           axis=-1)))
+  assert np.log(vocab) - 0.5 < loss < np.log(vocab) + 2.5, (loss, np.log(vocab))
+
+
+def _trunk(model, tokens):
+  x, _ = model.groups(model.embed(tokens), None, None, None)
+  return x
+
+
 def test_scanned_groups_equal_unrolled_groups():
   scanned = _lm("mamba,attention", 4)
   unrolled = scanned.clone(scan_layers=False)

@@ -51,6 +51,11 @@ def test_parameter_logical_axes_from_shapes():
       "mlp", "embed")
   assert sharding.param_logical_axes((key("groups"), key("0_s4d"), key("kernel")), (3, 16, 32),
                                      16) == ("layers", "embed", "mlp")
+  # Square projections: the input's embed is the first dimension, the output's the last.
+  assert sharding.param_logical_axes((key("q_proj"), key("kernel")), (16, 16), 16) == (
+      "embed", "mlp")
+  assert sharding.param_logical_axes((key("o_proj"), key("kernel")), (16, 16), 16) == (
+      "mlp", "embed")
   assert sharding.param_logical_axes((key("scale"),), (16,), 16) == (None,)
   assert sharding.param_logical_axes((key("A_log"),), (8, 4), 16) == (None, None)
 
