@@ -292,11 +292,28 @@ def gated_delta_rule_chunked(q: ArrayLike, k: ArrayLike, v: ArrayLike, g: ArrayL
     return S_next, (S, u)
 
   inputs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (u_tilde, w, k_end, gamma_end))
-  final, (s_in, u) = lax.scan(pass_state, s0, inputs)
-  s_in, u = jnp.moveaxis(s_in, 0, 1), jnp.moveaxis(u, 0, 1)  # [b, n, H, dk, dv], [b, n, H, C, dv]
+  if initial_state is None:
+    # Chunk 0 starts from S = 0: U = U~ there and it has no carried-in output, so it is taken
+    # out of the scan and no matmul reads a constant zero state. More than a saving: XLA:CPU
+    # (jaxlib 0.10.2) can fuse such a matmul with the mixer's later RMSNorm into a YNNPACK kernel
+    # that returns wrong rows or NaN (two GatedDeltaNet layers under nn.scan, batch 128, L = 32:
+    # test_layer_scanned_batch_rows_equal_single_rows). XLA_FLAGS=
+    # --xla_cpu_experimental_ynn_fusion_type= (no YNN fusion) avoids it too.
+    first = 1
+    u_first = u_tilde[:, 0]
+    s_first = jnp.einsum("bhck,bhcv->bhkv", k_end[:, 0], u_first)
+    final, (s_in, u) = lax.scan(pass_state, s_first, jax.tree.map(lambda a: a[1:], inputs))
+    u = jnp.concatenate([u_first[None], u], axis=0)
+  else:
+    first = 0
+    final, (s_in, u) = lax.scan(pass_state, s0, inputs)
+  # [b, n - first, H, dk, dv] (the states entering chunks first..n-1), [b, n, H, C, dv]
+  s_in, u = jnp.moveaxis(s_in, 0, 1), jnp.moveaxis(u, 0, 1)
 
   # (3): the carried-in state's part and the intra-chunk part.
-  out = jnp.einsum("bnhck,bnhkv->bnhcv", gamma[..., None] * qc, s_in)
+  out = jnp.einsum("bnhck,bnhkv->bnhcv", gamma[:, first:, ..., None] * qc[:, first:], s_in)
+  if first:
+    out = jnp.concatenate([jnp.zeros((batch, 1, heads, c, dv), out.dtype), out], axis=1)
   attn = jnp.einsum("...ik,...jk->...ij", qc, kc) * decay
   out = scale * (out + jnp.einsum("...ij,...jv->...iv", attn, u))
   out = jnp.moveaxis(out, 3, 2).reshape(batch, n * c, heads, dv)[:, :length]

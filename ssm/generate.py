@@ -44,8 +44,6 @@ def sample_logits(logits: Array, rng: Array, *, temperature: float = 0.0, top_k:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
-                                             "top_p"))
 def generate(model, params, prompt: Array, rng: Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Array:
   """Continues `prompt` [batch, P] (int tokens, every row of the same length P >= 1) by
@@ -53,10 +51,20 @@ def generate(model, params, prompt: Array, rng: Array, *, max_new_tokens: int,
 
   model: an LM `ssm.model.SequenceModel` (head "lm") whose mixers all stream; params its
   parameters ({"params": ...}). The prompt runs once through the caches (the mixers' chunked
-  streaming form), then each new token is one cached step.
+  streaming form), then each new token is one cached step (one jitted function for both).
   """
-  batch = prompt.shape[0]
-  cache = model.init_cache(batch, DTYPES[model.dtype])
+  # The empty caches are an argument of the jitted function, not constants inside it: XLA:CPU
+  # (jaxlib 0.10.2) can fuse a matmul against a constant zero state with a later RMSNorm into a
+  # YNNPACK kernel that returns wrong rows (see layers/gated_delta.py, gated_delta_rule_chunked).
+  cache = model.init_cache(prompt.shape[0], DTYPES[model.dtype])
+  return _generate(model, params, prompt, rng, cache, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
+                                             "top_p"))
+def _generate(model, params, prompt: Array, rng: Array, cache, *, max_new_tokens: int,
+              temperature: float, top_k: int, top_p: float) -> Array:
   logits, cache = model.apply(params, prompt, cache=cache)
   rng, first_rng = jax.random.split(rng)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -381,3 +382,23 @@ def test_sequence_parallel_equals_whole_sequence():
   assert len(errors) == 5
   for key, err in errors.items():
     assert err < 1e-5, (key, err)
+
+
+def test_layer_scanned_batch_rows_equal_single_rows():
+  # Regression: two GatedDeltaNet layers under nn.scan (stacked params), one chunk per row, batch
+  # 128: XLA:CPU (jaxlib 0.10.2) fused the chunk's matmul with the zero initial state into a
+  # YNNPACK kernel with the RMSNorm and returned rows off by ~1-4, or NaN, varying run to run.
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      y, _ = GatedDeltaNet(d_model=32, num_heads=1, head_dim_k=32, impl="xla")(x)
+      return x + y, None
+
+  stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2,
+                  in_axes=(nn.broadcast,))()
+  x = jax.random.normal(jax.random.PRNGKey(0), (128, 32, 32))
+  params = stack.init(jax.random.PRNGKey(1), x[:1], None)
+  apply = jax.jit(lambda p, x: stack.apply(p, x, None)[0])
+  y = np.asarray(apply(params, x))
+  for i in range(x.shape[0]):
+    assert rel(y[i], apply(params, x[i:i + 1])[0]) < 1e-5, i
