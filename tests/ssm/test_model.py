@@ -98,9 +98,10 @@ def test_tied_lm_head_is_the_scaled_embedding_and_starts_near_uniform():
                                     mixers=dict(mamba={}, attention=dict(num_heads=2))))
   model = model_lib.build_model(cfg.model, num_outputs=vocab, vocab_size=vocab)
   tokens = jax.random.randint(jax.random.key(3), (4, 32), 0, vocab)
-  params = model.init(jax.random.key(4), tokens)
-  logits, _ = model.apply(params, tokens)
-  hidden = model.apply(params, tokens, method=lambda m, t: m.final_norm(_trunk(m, t)))
+  params = jax.jit(model.init)(jax.random.key(4), tokens)
+  logits, _ = jax.jit(model.apply)(params, tokens)
+  hidden = jax.jit(lambda p, t: model.apply(p, t, method=lambda m, t: m.final_norm(_trunk(m, t))))(
+      params, tokens)
   table = np.asarray(params["params"]["embed"]["embedding"], np.float64)
   expected = np.einsum("bld,vd->blv", np.asarray(hidden, np.float64), table) / np.sqrt(d)
   assert rel(logits, expected) < 1e-5
