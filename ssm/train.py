@@ -463,10 +463,10 @@ class _StepProfiler:
 
   def __init__(self, directory: pathlib.Path, start: int, steps: int, log: Callable):
     self.directory, self.start, self.end, self.log = directory, start, start + steps, log
-    self.enabled, self.active = steps > 0, False
+    self.active = False
 
   def before_step(self, step: int) -> None:
-    if self.enabled and not self.active and self.start <= step < self.end:
+    if not self.active and self.start <= step < self.end:  # an empty range when steps = 0
       jax.profiler.start_trace(str(self.directory))
       self.active = True
 

@@ -53,7 +53,7 @@ def _check_run_command(command: str, argv: list[str]) -> None:
 
 def _check_bench_command(argv: list[str]) -> None:
   args = bench.build_parser().parse_args(argv)
-  ops = [op for group in args.ops for op in (group if isinstance(group, list) else [group])]
+  ops = [op for group in args.ops for op in group]  # each --ops word is a comma-separated list
   unknown = sorted(set(ops) - set(bench.CASES))
   if unknown:
     raise ValueError(f"unknown bench ops {unknown}")
@@ -101,21 +101,21 @@ def guide_problems(text: str) -> list[str]:
           _check_flags(flags)
         except Exception as error:  # pylint: disable=broad-except
           problems.append(f"`{code.strip()}`: {type(error).__name__}: {error}")
-    field = _FIELD.match(code.strip())
+    stripped = code.strip()
+    field = _FIELD.match(stripped)
     if field and not _has_field(field.group(1)):
-      problems.append(f"`{code.strip()}` is not a config field")
+      problems.append(f"`{stripped}` is not a config field")
     for path in _REPO_PATH.findall(code):
       if not (ROOT / path.split(":")[0]).exists():
         problems.append(f"`{path}` does not exist in the repository")
     for target in _MAKE.findall(code):
       if target not in makefile_targets:
         problems.append(f"`make {target}` is not a Makefile target")
-    dotted = code.strip()
-    if re.fullmatch(r"ssm(\.\w+)+", dotted):
+    if re.fullmatch(r"ssm(\.\w+)+", stripped):
       try:
-        importlib.import_module(dotted)
+        importlib.import_module(stripped)
       except ImportError as error:
-        problems.append(f"`{dotted}`: {error}")
+        problems.append(f"`{stripped}`: {error}")
   return problems
 
 
