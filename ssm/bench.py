@@ -6,7 +6,10 @@ carries the median time, the speedup over the op's reference implementation meas
 run (reference_ms / ms, so the reference itself is exactly 1), and two rooflines: the compulsory
 bytes (inputs read once, outputs written once) over the memory bandwidth (on GPU/TPU measured at
 start-up by a large copy, on CPU a nominal figure; `--bandwidth-gbs` overrides), and, where a case
-counts its FLOPs, those over the device's peak matmul throughput for the dtype.
+counts its FLOPs, those over the device's peak matmul throughput for the dtype. An implementation
+whose compiled program would need more memory than the device has (XLA's own estimate, before
+anything runs; `--max-memory-gb`) is left out with a note on stderr instead of failing the run:
+the token-by-token references' backward passes save a state per token.
 
 The cases live one file per op family in the package `ssm.benchmarks`, which `load_cases` imports.
 Timing claims live here, in the printed table and the JSON file, never in tests.
@@ -19,6 +22,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import os
 import pkgutil
 import statistics
 import sys
@@ -119,23 +123,50 @@ def measure_bandwidth_gbs(mbytes: int = 512) -> float:
   return 2 * x.nbytes / (min(times) * 1e-3) / 1e9
 
 
-def time_fn(fn: Callable[..., Any], *args: Any, repeats: int, warmup: int = 1
-            ) -> tuple[list[float], float]:
+class OverMemoryBudget(Exception):
+  """A compiled program needs more memory than `--max-memory-gb` allows."""
+
+
+def memory_needed(compiled: Any) -> int | None:
+  """Bytes a compiled program holds at its peak by XLA's buffer assignment (arguments, outputs
+  and temporaries), or None where the backend does not say."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):
+    return None
+  if m is None:
+    return None
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+
+def default_memory_budget_bytes() -> int:
+  """90% of the default device's memory (its allocator's limit), or of the machine's RAM on CPU."""
+  stats = jax.devices()[0].memory_stats() or {}
+  total = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return int(0.9 * total)
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, repeats: int, warmup: int = 1,
+            max_bytes: int | None = None) -> tuple[list[float], float]:
   """Times `jax.jit(fn)(*args)`; returns (per-call milliseconds, first-call milliseconds).
 
-  The first call (compile + run) and `warmup - 1` more calls are not in the timings; every call
-  is waited for with `block_until_ready`.
+  The first call (trace, compile and run) and `warmup - 1` more calls are not in the timings;
+  every call is waited for with `block_until_ready`. Raises OverMemoryBudget, before running
+  anything, where the compiled program needs more than `max_bytes` (`memory_needed`).
   """
-  jitted = jax.jit(fn)
   start = time.perf_counter()
-  jax.block_until_ready(jitted(*args))
+  compiled = jax.jit(fn).lower(*args).compile()
+  needed = memory_needed(compiled)
+  if max_bytes is not None and needed is not None and needed > max_bytes:
+    raise OverMemoryBudget(f"needs {needed / 1e9:.3g} GB > --max-memory-gb {max_bytes / 1e9:.3g}")
+  jax.block_until_ready(compiled(*args))
   first_ms = (time.perf_counter() - start) * 1e3
   for _ in range(warmup - 1):
-    jax.block_until_ready(jitted(*args))
+    jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(jitted(*args))
+    jax.block_until_ready(compiled(*args))
     times.append((time.perf_counter() - start) * 1e3)
   return times, first_ms
 
@@ -148,11 +179,18 @@ def compare(op: str, impls: dict[str, Callable[..., Any]], args: Sequence[Any], 
   `impls` maps a row name to a function of `args`; `reference` names the one the speedups are
   relative to (None speedups if it is absent). `flops`: the op's useful FLOPs (for the FLOP
   roofline, against `settings.peak_tflops` when known). `fields` (shape, mode, ...) go into
-  every row.
+  every row. An implementation over the memory budget (`settings.max_memory_bytes`) gets no row,
+  and a line on stderr saying so.
   """
   rows = []
   for name, fn in impls.items():
-    times, first_ms = time_fn(fn, *args, repeats=settings.repeats, warmup=settings.warmup)
+    try:
+      times, first_ms = time_fn(fn, *args, repeats=settings.repeats, warmup=settings.warmup,
+                                max_bytes=settings.max_memory_bytes)
+    except OverMemoryBudget as e:
+      print(f"{op} {name} {fields.get('shape', '')} ({fields.get('mode', '')}): skipped, {e}",
+            file=sys.stderr)
+      continue
     rows.append(timed_row(op, name, times, first_ms, settings=settings, bytes_moved=bytes_moved,
                           flops=flops, **fields))
   ref_ms = next((r["ms"] for r in rows if r["impl"] == reference), None)
@@ -250,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--bandwidth-gbs", type=float, default=None,
                       help="memory bandwidth for the roofline, GB/s (default: measured on "
                            "GPU/TPU, nominal on CPU)")
+  parser.add_argument("--max-memory-gb", type=float, default=None,
+                      help="leave out an implementation whose compiled program needs more "
+                           "memory than this, by XLA's estimate (default: 90%% of the device's "
+                           "memory; of the machine's RAM on CPU)")
   parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
   for case in CASES.values():
     if case.add_arguments is not None:
@@ -296,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for flag in ("batch", "features", "repeats", "warmup"):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+  if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+    parser.error(f"--max-memory-gb must be > 0; got {args.max_memory_gb}")
   try:
     jnp.dtype(args.dtype)
   except TypeError:
@@ -307,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   elif args.bandwidth_gbs is None:
     args.bandwidth_gbs = default_bandwidth_gbs(info["platform"], info["device_kind"])
     source = "nominal for this device; set --bandwidth-gbs"
+  args.max_memory_bytes = (default_memory_budget_bytes() if args.max_memory_gb is None
+                           else int(args.max_memory_gb * 1e9))
   args.peak_tflops = peak_tflops(info["platform"], info["device_kind"], args.dtype)
   peak = "-" if args.peak_tflops is None else f"{args.peak_tflops:g} TFLOP/s"
   print(f"platform {info['platform']}, device {info['device_kind']} x{info['num_devices']}, "

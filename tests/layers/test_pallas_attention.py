@@ -1,8 +1,9 @@
-"""Tests for layers/pallas/attention.py: the flash-attention kernels (interpret mode on CPU, both
-drivers: the GPU key-block loop and the TPU grid of visited blocks) against the dense reference
-(outputs and the gradients of q, k, v), a zero gradient outside the window, the visited blocks,
-`prefix_window_attention`'s dispatch to them, and their lowering for GPU (Triton) and TPU
-(Mosaic), forward and backward."""
+"""Tests for layers/pallas/attention.py: the flash-attention kernels, both drivers (the GPU
+key-block loop and the TPU grid of visited blocks), against the dense reference (outputs and the
+gradients of q, k, v); a zero gradient outside the window; the visited blocks;
+`prefix_window_attention`'s dispatch to them; their lowering for GPU (Triton) and TPU (Mosaic),
+forward and backward. Where each driver runs (interpreted on CPU, compiled on its own hardware):
+tests/pallas_modes.py."""
 
 from __future__ import annotations
 
@@ -12,16 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 from layers.attention import documents, prefix_window_attention, window_attention
 from layers.pallas import attention as kernel
+from tests import pallas_modes
 from tests.layers.test_attention import random_qkv, random_segments
 from tests.numerics import rel
 
-# The TPU interpreter (for either driver): out-of-bounds block reads raise and memory starts as
-# NaN, so a wrong index map or an output left unwritten fails instead of passing by clamping.
-INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
 STATIC = ("window", "causal", "softcap", "q_offset", "platform", "block")
 
 
@@ -33,12 +31,12 @@ def loss_and_grads(fn, q, k, v, weights):
   return out, grads
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(jax.jit, static_argnames=STATIC + ("interpret",))
 def pallas_run(q, k, v, q_docs, kv_docs, weights, *, window, causal, softcap, q_offset,
-               platform, block):
+               platform, block, interpret):
   fn = functools.partial(kernel.prefix_window_attention_pallas, q_docs=q_docs, kv_docs=kv_docs,
                          window=window, causal=causal, softcap=softcap, q_offset=q_offset,
-                         interpret=INTERPRET, platform=platform, block_q=block, block_k=block)
+                         interpret=interpret, platform=platform, block_q=block, block_k=block)
   return loss_and_grads(fn, q, k, v, weights)
 
 
@@ -70,7 +68,7 @@ def compare(seed, *, dtype=jnp.float32, lq=40, lk=None, heads=4, kv_heads=2, win
                         jnp.float32)
   kw = dict(window=window, causal=causal, softcap=softcap, q_offset=q_offset)
   out, grads = pallas_run(q, k, v, q_docs, kv_docs, weights, platform=platform, block=block,
-                          **kw)
+                          interpret=pallas_modes.interpret(platform), **kw)
   out_r, grads_r = reference_run(q, k, v, q_docs, kv_docs, weights, **kw)
   assert out.dtype == dtype
   errors = {"out": rel(out, out_r)}
@@ -115,7 +113,8 @@ def test_no_gradient_outside_the_window(platform):
   docs = jnp.zeros((1, 48), jnp.int32)
   weights = jnp.zeros((1, 48, 4, 8)).at[:, 40:].set(1.0)
   _, (dq, dk, dv) = pallas_run(q, k, v, docs, docs, weights, window=6, causal=True,
-                               softcap=None, q_offset=None, platform=platform, block=16)
+                               softcap=None, q_offset=None, platform=platform, block=16,
+                               interpret=pallas_modes.interpret(platform))
   for g in (dk, dv):
     g = np.abs(np.asarray(g))[0, :, 0].sum(-1)
     assert np.all(g[:35] == 0) and np.all(g[35:] > 0)
@@ -127,12 +126,12 @@ def test_dispatch():
   q, k, v = (jnp.asarray(a) for a in random_qkv(4, lq=40))
   seg = jnp.asarray(random_segments(5, 2, 40))
   run = jax.jit(window_attention, static_argnames=("window", "impl", "block_size"))
-  # "auto" on CPU is the XLA form (40 queries > block_size 16), bit for bit.
+  # "auto" is the XLA form on CPU (40 queries > block_size 16), the kernel on GPU/TPU, bit for bit.
   np.testing.assert_array_equal(run(q, k, v, window=6, segment_ids=seg, impl="auto",
                                     block_size=16),
-                                run(q, k, v, window=6, segment_ids=seg, impl="xla",
-                                    block_size=16))
-  # "pallas" runs the kernel (interpret mode here).
+                                run(q, k, v, window=6, segment_ids=seg,
+                                    impl=pallas_modes.AUTO_IMPL, block_size=16))
+  # "pallas" runs the kernel (compiled on GPU/TPU, interpreted on CPU).
   out = run(q, k, v, window=6, segment_ids=seg, impl="pallas")
   assert rel(out, run(q, k, v, window=6, segment_ids=seg, impl="reference")) < 1e-5
   # Unsupported calls: a reason from `supports`, a ValueError naming it from impl="pallas".

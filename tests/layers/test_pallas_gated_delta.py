@@ -1,7 +1,8 @@
-"""Tests for layers/pallas/gated_delta.py: the gated delta rule kernels (interpret mode on CPU, both
-drivers: the GPU chunk loop and the TPU chunk grid) against the token-by-token reference (outputs,
-final state, gradients of every input), `gated_delta_rule`'s dispatch to them, and their lowering
-for GPU (Triton) and TPU (Mosaic), forward and backward."""
+"""Tests for layers/pallas/gated_delta.py: the gated delta rule kernels, both drivers (the GPU
+chunk loop and the TPU chunk grid), against the token-by-token reference (outputs, final state,
+gradients of every input); `gated_delta_rule`'s dispatch to them; their lowering for GPU (Triton)
+and TPU (Mosaic), forward and backward. Where each driver runs (interpreted on CPU, compiled on its
+own hardware): tests/pallas_modes.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 from layers.gated_delta import gated_delta_rule
 from layers.pallas import gated_delta as kernel
+from tests import pallas_modes
 from tests.layers.test_gated_delta import NAMES, packed_segments, random_inputs
 from tests.numerics import rel
 
@@ -30,15 +31,10 @@ def loss_and_grads(fn, args, seg, weights):
   return outs, grads
 
 
-# The TPU interpreter (for either driver): out-of-bounds block reads raise and memory starts as
-# NaN, so a wrong index map or an output left unwritten fails instead of passing by clamping.
-INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
-
-
-@functools.partial(jax.jit, static_argnames=("chunk_size", "platform", "block_v"))
-def pallas_run(args, seg, weights, chunk_size, platform=None, block_v=None):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "platform", "block_v", "interpret"))
+def pallas_run(args, seg, weights, chunk_size, platform, block_v, interpret):
   fn = functools.partial(kernel.gated_delta_rule_pallas, chunk_size=chunk_size,
-                         interpret=INTERPRET, platform=platform, block_v=block_v)
+                         interpret=interpret, platform=platform, block_v=block_v)
   return loss_and_grads(fn, args, seg, weights)
 
 
@@ -59,7 +55,8 @@ def compare(seed, length, dtype, tol, *, segments, chunk_size, platform=None, bl
   rng = np.random.default_rng(seed + 1)
   weights = (rng.normal(size=arrays[2].shape), rng.normal(size=arrays[5].shape))
   weights = tuple(jnp.asarray(w, jnp.float32) for w in weights)
-  (out, final), grads = pallas_run(args, seg, weights, chunk_size, platform, block_v)
+  (out, final), grads = pallas_run(args, seg, weights, chunk_size, platform, block_v,
+                                   pallas_modes.interpret(platform))
   (out_r, final_r), grads_r = reference_run(args, seg, weights)
   assert out.dtype == out_r.dtype and final.dtype == jnp.float32
   errors = {"out": rel(out, out_r), "final": rel(final, final_r)}
@@ -88,11 +85,11 @@ def test_dispatch():
   arrays = [jnp.asarray(a) for a in random_inputs(2, length=20)]
   q, k, v, g, beta, s0 = arrays
   run = jax.jit(gated_delta_rule, static_argnames=("impl", "chunk_size"))
-  # "auto" on CPU is the XLA form, bit for bit.
+  # "auto" is the XLA form on CPU, the kernel on GPU/TPU, bit for bit.
   for got, want in zip(run(*arrays[:5], initial_state=s0, impl="auto"),
-                       run(*arrays[:5], initial_state=s0, impl="xla")):
+                       run(*arrays[:5], initial_state=s0, impl=pallas_modes.AUTO_IMPL)):
     np.testing.assert_array_equal(got, want)
-  # "pallas" runs the kernel (interpret mode here).
+  # "pallas" runs the kernel (compiled on GPU/TPU, interpreted on CPU).
   out, final = run(*arrays[:5], initial_state=s0, impl="pallas", chunk_size=16)
   out_r, final_r = run(*arrays[:5], initial_state=s0, impl="reference")
   assert rel(out, out_r) < 1e-5 and rel(final, final_r) < 1e-5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 
 from layers import scan
@@ -78,6 +79,26 @@ def test_peak_flops_measured_bandwidth_and_kernel_rows():
   rows = [{"ms": 2.0}, {"ms": 4.0}]
   bench.add_ratio_to(rows, rows[1], "vs_fla")
   assert [r["vs_fla"] for r in rows] == [2.0, 1.0]
+
+
+def test_programs_over_the_memory_budget_are_left_out(tmp_path, capsys):
+  # XLA's estimate for y = 2 x on 1000 float32: 4000 bytes in, 4000 out, few temporaries.
+  x = jax.numpy.ones(1000, jax.numpy.float32)
+  needed = bench.memory_needed(jax.jit(lambda x: 2 * x).lower(x).compile())
+  assert 8000 <= needed < 100_000
+  assert bench.default_memory_budget_bytes() > 1e8
+  with pytest.raises(bench.OverMemoryBudget, match="needs"):
+    bench.time_fn(lambda x: 2 * x, x, repeats=1, max_bytes=needed - 1)
+  assert len(bench.time_fn(lambda x: 2 * x, x, repeats=2, max_bytes=needed)[0]) == 2
+  # Under a budget nothing meets, every implementation is left out and named on stderr.
+  out = tmp_path / "bench.json"
+  assert bench.main(TINY + ["--lengths", "8", "--max-memory-gb", "1e-9", "--json", str(out)]) == 0
+  assert json.loads(out.read_text())["rows"] == []
+  err = capsys.readouterr().err
+  for impl in scan.IMPLEMENTATIONS:
+    assert f"scan {impl} 2x8x3 (fwd): skipped, needs" in err, impl
+  with pytest.raises(SystemExit):
+    bench.main(TINY + ["--max-memory-gb", "0"])
 
 
 def test_unknown_op_is_a_usage_error(capsys):
