@@ -281,6 +281,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
       ratio = kwargs["mlp_ratio"]
       _check(isinstance(ratio, (int, float)) and ratio >= 0, f"model.mixers.{name}.mlp_ratio",
              f"must be >= 0, got {ratio!r}")
+  if m.task == "lm":  # each position predicts the next token: no mixer may read ahead
+    for name in names:
+      cls = blocks.get_mixer(mixer_type(m, name))
+      defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+      kwargs = m.mixers.get(name, {})
+      for key, reads_ahead in (("bidirectional", True), ("causal", False)):
+        _check(key not in defaults or kwargs.get(key, defaults[key]) != reads_ahead,
+               f"model.mixers.{name}.{key}", f"{key}={reads_ahead} reads later tokens, which a "
+               "language model (model.task 'lm') predicts; use it in classifiers")
 
   _positive_int(d.seq_len, "data.seq_len")
   _positive_int(d.batch_size, "data.batch_size")

@@ -39,6 +39,11 @@ def test_unknown_preset_and_missing_file():
     (["data.batch_size=30"], "data.batch_size", "does not divide over the 8 devices"),
     (["optim.warmup_steps=5000", "train.num_steps=100"], "optim.warmup_steps", "must be in [0, train.num_steps"),
     (["optim.lr=-1.0"], "optim.lr", "must be >= 0"),
+    # A language model with a mixer that reads ahead.
+    (["model.task='lm'"], "model.mixers.s4d.bidirectional", "bidirectional=True reads later"),
+    (["model.task='lm'", "model.mixers.s4d.bidirectional=False", "model.pattern='s4d,attn'",
+      "model.n_layers=2", "model.mixers.attn={'type': 'attention', 'causal': False}"],
+     "model.mixers.attn.causal", "causal=False reads later tokens"),
 ])
 def test_bad_fields_are_named(overrides, field, text):
   config = config_lib.load_config_file(LISTOPS + ":cpu")

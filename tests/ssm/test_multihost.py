@@ -1,6 +1,9 @@
 """Multi-host training on one machine: two processes (`jax.distributed.initialize` on 127.0.0.1,
 2 CPU devices each) train a tiny hybrid LM on a data=2 x tensor=2 mesh and reach the same losses as
-one process with 4 devices; the checkpoint they write together restores in the single process."""
+one process with 4 devices; the checkpoint they write together restores in the single process.
+The model is two blocks (Mamba-2, attention with its MLP): what is under test is the processes'
+share of the data, the collectives between them and the checkpoint they write together; every
+mixer's sharding is tested in test_sharding.py."""
 
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ from tests.ssm.conftest import tiny_config
 from tests.ssm.test_sharding import HYBRID
 assert jax.device_count() == 4 and jax.process_count() == nproc
 config = tiny_config({tfds!r})
-config.model.update(HYBRID)
+config.model.update({{k: v for k, v in HYBRID.items() if k != "mixers"}}, n_layers=2,
+                    pattern="mamba2,attention")
+config.model.mixers = {{k: HYBRID["mixers"][k] for k in ("mamba2", "attention")}}
 config.mesh.update(data=2, tensor=2)
 task = tasks.load_task(config.data, seed=config.seed)
 rng = np.random.default_rng(0)

@@ -65,12 +65,12 @@ MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "tensor": 4}, {"data": 2, "fsdp"
 # One block of every mixer type. Only the attention block has an MLP (mlp_ratio 2, a
 # transformer block); the others have none (mlp_ratio 0, the Mamba-style block): both kinds of
 # residual block are in the model, and the six MLPs that would repeat the same module are not
-# compiled for every mesh.
+# compiled for every mesh. S4D is causal here (tiny_config's, for its classifier, is not).
 HYBRID = dict(
     task="lm", d_model=16, n_layers=7,
     pattern="s4d,mamba,mamba2,long_conv,hyena,attention,gated_deltanet",
     mlp_ratio=0,
-    mixers=dict(s4d=dict(d_state=8), mamba=dict(d_state=4),
+    mixers=dict(s4d=dict(d_state=8, bidirectional=False), mamba=dict(d_state=4),
                 mamba2=dict(d_state=8, headdim=8, chunk_size=8),
                 long_conv=dict(max_length=48), hyena=dict(max_length=48, filter_order=8),
                 attention=dict(num_heads=2, num_kv_heads=1, window=8, block_size=8, mlp_ratio=2),
