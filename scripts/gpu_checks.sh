@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU run that issues 9 and 10 ask for: the Pallas kernel tests compiled for the GPU (not
-# interpreted; see tests/pallas_modes.py), then the kernel benchmarks at the issues' sizes.
+# The Pallas kernels on a GPU: their tests compiled for the GPU (not interpreted; see
+# tests/pallas_modes.py), then the kernel benchmarks at the sizes docs/benchmarks.md records.
 #
 #   scripts/gpu_checks.sh [OUT_DIR]      (default: $OUT, else runs/gpu_checks)
 #
@@ -13,6 +13,8 @@
 # come first. Writes into OUT_DIR (at most 5 files, as a lent machine returns 8): env.txt (device
 # and versions), tests.log, bench.txt (every table, with any errors), bench_json.tar.gz (each
 # run's rows) and, if any, failures.txt. Exits 1 if a step failed, ran out of time or was skipped.
+# GPU_CHECKS_DRY_RUN=1 prints each step's command ("DRY: ...") instead of running it; the test
+# suite checks those commands (tests/test_gpu_checks_script.py).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_checks}}
@@ -20,7 +22,8 @@ mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # pytest workers and torch share the GPU
-if compgen -G ".whl/*.whl" >/dev/null; then
+dry_run=${GPU_CHECKS_DRY_RUN:-}
+if [ -z "$dry_run" ] && compgen -G ".whl/*.whl" >/dev/null; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -36,6 +39,10 @@ step() {  # step SECONDS LOG command...: run with a time limit, append to LOG, n
     status=1
     return
   fi
+  if [ -n "$dry_run" ]; then
+    echo "DRY: ${*@Q}"
+    return
+  fi
   echo "\$ $*" | tee -a "$log"
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=$?
@@ -46,16 +53,18 @@ step() {  # step SECONDS LOG command...: run with a time limit, append to LOG, n
   fi
 }
 
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$python" -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__,
-jax.devices())'
-  "$python" -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|jax-cuda|flax|torch|triton|fla)"
-} >"$out/env.txt" 2>&1
-cat "$out/env.txt"
+if [ -z "$dry_run" ]; then
+  { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$python" -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__,
+  jax.devices())'
+    "$python" -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|jax-cuda|flax|torch|triton|fla)"
+  } >"$out/env.txt" 2>&1
+  cat "$out/env.txt"
+fi
 
 # 1. The kernel tests, compiled for the GPU (the TPU driver's cases are skipped here).
 step 180 "$out/tests.log" "$python" -m pytest -q -n 4 -p no:cacheprovider --timeout 150 \
-  -rs tests/layers/test_pallas_attention.py tests/layers/test_pallas_gated_delta.py \
+  --durations 10 -rs tests/layers/test_pallas_attention.py tests/layers/test_pallas_gated_delta.py \
   tests/layers/test_pallas_selective_scan.py tests/layers/test_pallas_ssd.py
 
 # 2. The benchmarks (16 heads of 128 throughout), the issues' targets first: forward+backward

@@ -158,7 +158,8 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int, warmup: int = 1,
   compiled = jax.jit(fn).lower(*args).compile()
   needed = memory_needed(compiled)
   if max_bytes is not None and needed is not None and needed > max_bytes:
-    raise OverMemoryBudget(f"needs {needed / 1e9:.3g} GB > --max-memory-gb {max_bytes / 1e9:.3g}")
+    raise OverMemoryBudget(f"needs {needed / 1e9:.3g} GB, over the {max_bytes / 1e9:.3g} GB "
+                           "budget (--max-memory-gb)")
   jax.block_until_ready(compiled(*args))
   first_ms = (time.perf_counter() - start) * 1e3
   for _ in range(warmup - 1):

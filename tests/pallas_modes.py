@@ -4,9 +4,9 @@ CPU (CI): every kernel runs in the TPU interpreter, both the GPU driver (`platfo
 and the TPU driver (`platform="tpu"`). Out-of-bounds block reads raise and memory starts as NaN,
 so a wrong index map or an output left unwritten fails instead of passing by clamping.
 
-GPU or TPU: the machine's own driver (`platform=None`) compiles for real, which is the run
-issues 9 and 10 ask for on an accelerator. A case for the other machine's driver is skipped:
-only that hardware compiles it, and the CPU run already interprets it.
+GPU or TPU: the machine's own driver (`platform=None`) compiles for real: the check that only
+such a machine can make (`scripts/gpu_checks.sh`). A case for the other machine's driver is
+skipped: only that hardware compiles it, and the CPU run already interprets it.
 """
 
 from __future__ import annotations
