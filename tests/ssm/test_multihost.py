@@ -1,8 +1,8 @@
 """Multi-host training on one machine: two processes (`jax.distributed.initialize` on 127.0.0.1,
 2 CPU devices each) train a tiny hybrid LM on a data=2 x tensor=2 mesh and reach the same losses as
 one process with 4 devices; the checkpoint they write together restores in the single process.
-The model is two blocks (Mamba-2, attention with its MLP): what is under test is the processes'
-share of the data, the collectives between them and the checkpoint they write together; every
+The model is two blocks (Mamba-2, attention with its MLP): what is under test here is each
+process's share of the data, the collectives between processes and their joint checkpoint; every
 mixer's sharding is tested in test_sharding.py."""
 
 from __future__ import annotations
