@@ -130,10 +130,7 @@ class OverMemoryBudget(Exception):
 def memory_needed(compiled: Any) -> int | None:
   """Bytes a compiled program holds at its peak by XLA's buffer assignment (arguments, outputs
   and temporaries), or None where the backend does not say."""
-  try:
-    m = compiled.memory_analysis()
-  except (NotImplementedError, jax.errors.JaxRuntimeError):
-    return None
+  m = compiled.memory_analysis()  # None where unavailable
   if m is None:
     return None
   return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
