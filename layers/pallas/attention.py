@@ -38,9 +38,11 @@ j - P + w - 1] around the block's keys j; causal: from j - P on), so GQA sums ov
 the kernel and a key outside every window gets exactly zero gradient.
 
 GQA: the query-head program reads kv head h // R through the index map (no repeat in memory).
-Matmuls take the input dtype (bf16 on the tensor cores / MXU; float32 at HIGHEST precision, IEEE
-fp32 in Triton) and accumulate in float32; p and ds are cast to the input dtype for their
-matmuls, as flash attention does. Statistics, softmax and accumulators are float32.
+Matmuls take the input dtype (bf16 on the tensor cores / MXU; float32 at float32 accuracy: three
+TF32 passes for the GPU driver, HIGHEST for the TPU one, `layers.pallas.precision`) and
+accumulate in float32; p and ds are cast to the input dtype for their matmuls, as flash attention
+does. Statistics, softmax and accumulators are float32. On GPU, float32 inputs get smaller
+default blocks (32 at head dim 128) so the backward fits an H100's shared memory.
 
 Layout and padding (in the wrapper): lengths are padded to multiples of the blocks (padded queries
 and keys get document -1: they see and are seen by nothing) and head dims to powers of 2 >= 16
@@ -82,6 +84,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from layers import attention as attention_lib
 from layers.pallas import dispatch
+from layers.pallas import precision
 
 Array = jax.Array
 
@@ -90,6 +93,10 @@ _NEG = -1e30  # a masked logit: exp(_NEG - m) = 0, and no inf - inf when a row h
 _MAX_HEAD_DIM = 256  # a program holds [B, head_dim] blocks in registers / VMEM
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BLOCKS = {"gpu": (64, 64), "tpu": (128, 128)}  # default (block_q, block_k); others as GPU
+# GPU, float32 inputs: default blocks of 4096 / head_dim padded (32 at 128). Compiled for sm_90 at
+# head dim 128, 64 x 64 float32 blocks need up to 289 KiB of shared memory (an H100 has 227 KiB),
+# 32 x 32 blocks 96 KiB; bf16 blocks of 64 need 105 KiB (201 KiB at head dim 256).
+_GPU_F32_BLOCK_BY_DIM = 32 * 128
 
 
 def _pow2(x: int) -> int:
@@ -195,16 +202,19 @@ def _most_visits(cfg: _Config) -> tuple[int, int]:
 # ------------------------------------------------------------------------------ the block math
 
 
-def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
-  precision = lax.Precision.HIGHEST if a.dtype == _F32 else lax.Precision.DEFAULT
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         precision=precision, preferred_element_type=_F32)
+def _dot(cfg: _Config, a: Array, b: Array, contract: tuple[int, int]) -> Array:
+  """a @ b contracting dims `contract`, accumulated in float32: bf16 operands as they are,
+  float32 ones at float32 accuracy (`layers.pallas.precision`)."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  if a.dtype == _F32:
+    return precision.dot_general(a, b, dims, platform=cfg.platform, interpret=cfg.interpret)
+  return lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
 def _scores(cfg: _Config, q: Array, k: Array, qdoc: Array, kdoc: Array, c, kb):
   """Logits s [Bq, Bk] (scaled, capped), tanh(s / cap) (None without a cap) and the visibility
   mask of query block c against key block kb; qdoc [Bq, 1], kdoc [1, Bk]."""
-  s = _dot(q, k, (1, 1)) * cfg.scale
+  s = _dot(cfg, q, k, (1, 1)) * cfg.scale
   t = None
   if cfg.softcap is not None:
     t = jnp.tanh(s * (1.0 / cfg.softcap))
@@ -293,7 +303,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qdoc_ref, kdoc_ref, o_ref, lse_ref, *sc
     alpha = jnp.exp(m - m_new)
     v = at(v_ref)[...]
     return (m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True),
-            alpha * acc + _dot(p.astype(v.dtype), v, (1, 0)))
+            alpha * acc + _dot(cfg, p.astype(v.dtype), v, (1, 0)))
 
   def finish(carry):
     m, l, acc = carry
@@ -317,8 +327,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, qdoc_ref, kdoc_ref, do_ref, lse_ref, delta_r
   def step(at, carry):
     k = at(k_ref)[...]
     p, t = _probabilities(cfg, q, k, qdoc, at(kdoc_ref, False)[...], c, at.blk, lse)
-    ds = _ds(p, t, _dot(do, at(v_ref)[...], (1, 1)), delta)
-    return (carry[0] + _dot(ds.astype(k.dtype), k, (1, 0)),)
+    ds = _ds(p, t, _dot(cfg, do, at(v_ref)[...], (1, 1)), delta)
+    return (carry[0] + _dot(cfg, ds.astype(k.dtype), k, (1, 0)),)
 
   def finish(carry):
     dq_ref[...] = (cfg.scale * carry[0]).astype(dq_ref.dtype)
@@ -337,9 +347,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qdoc_ref, kdoc_ref, do_ref, lse_ref, delta
     q, do = at(q_ref)[...], at(do_ref)[...]
     p, t = _probabilities(cfg, q, k, at(qdoc_ref, False)[...], kdoc, at.blk, kb,
                           at(lse_ref)[...])
-    dv = dv + _dot(p.astype(do.dtype), do, (0, 0))  # P^T dO
-    ds = _ds(p, t, _dot(do, v, (1, 1)), at(delta_ref)[...])
-    return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv  # dS^T Q
+    dv = dv + _dot(cfg, p.astype(do.dtype), do, (0, 0))  # P^T dO
+    ds = _ds(p, t, _dot(cfg, do, v, (1, 1)), at(delta_ref)[...])
+    return dk + _dot(cfg, ds.astype(q.dtype), q, (0, 0)), dv  # dS^T Q
 
   def finish(carry):
     dk_ref[...] = (cfg.scale * carry[0]).astype(dk_ref.dtype)
@@ -479,8 +489,9 @@ def prefix_window_attention_pallas(q, k, v, *, q_docs, kv_docs, window: int | No
     `pltpu.InterpretParams` (the TPU interpreter, which also checks block bounds).
   platform: "gpu" | "tpu" | "cpu" (default: the default backend): picks the driver (TPU: visited
     blocks on the grid), the compiler parameters and the default blocks.
-  block_q, block_k: query and key blocks (powers of 2 >= 16; default 64 on GPU, 128 on TPU;
-    shorter sequences use the next power of 2 >= max(length, 16)).
+  block_q, block_k: query and key blocks (powers of 2 >= 16; default 64 on GPU, 128 on TPU, and
+    on GPU for float32 inputs 4096 / head_dim padded, in [16, 64]; shorter sequences use the next
+    power of 2 >= max(length, 16)).
   Raises ValueError where `supports` gives a reason.
   """
   name = "prefix_window_attention_pallas"
@@ -497,7 +508,10 @@ def prefix_window_attention_pallas(q, k, v, *, q_docs, kv_docs, window: int | No
     raise ValueError(f"{name}: unsupported call: {reason}")
   interpret = dispatch.interpret_mode() if interpret is None else interpret
   platform = dispatch.platform() if platform is None else platform
+  dp, dvp = _pow2(max(d, 16)), _pow2(max(dv, 16))
   default_q, default_k = _BLOCKS.get(platform, _BLOCKS["gpu"])
+  if platform == "gpu" and q.dtype == _F32:
+    default_q = default_k = min(64, max(16, _GPU_F32_BLOCK_BY_DIM // max(dp, dvp)))
   blocks = {"block_q": default_q if block_q is None else block_q,
             "block_k": default_k if block_k is None else block_k}
   for key, b in blocks.items():
@@ -508,7 +522,6 @@ def prefix_window_attention_pallas(q, k, v, *, q_docs, kv_docs, window: int | No
   cfg = _Config(None if window is None else int(window), bool(causal),
                 None if softcap is None else float(softcap), scale, int(q_offset), lq, lk, bq,
                 bk, heads // kv_heads, platform == "tpu", interpret, platform)
-  dp, dvp = _pow2(max(d, 16)), _pow2(max(dv, 16))
 
   def blocked(a, n, size, width):  # [B, L, heads, dim] -> [B, heads, n, size, width]
     a = jnp.pad(a, ((0, 0), (0, n * size - a.shape[1]), (0, 0), (0, width - a.shape[-1])))

@@ -13,9 +13,9 @@ changes the answer, only the speed.
 
 Under a mesh (set with `jax.set_mesh`, as `ssm.train` does), `on_mesh` runs a kernel inside
 `jax.shard_map` over the batch axes (`data`, `fsdp`) and the head axis (`tensor`): XLA cannot
-partition a custom call, and would otherwise gather the operands onto every device. `supports` returns None for a supported call and otherwise a
-one-line reason (a shape, a dtype, an option), so "auto" can fall back silently and "pallas" can
-say why it refuses.
+partition a custom call, and would otherwise gather the operands onto every device. `supports`
+returns None for a supported call and otherwise a one-line reason (a shape, a dtype, an option),
+so "auto" can fall back silently and "pallas" can say why it refuses.
 """
 
 from __future__ import annotations

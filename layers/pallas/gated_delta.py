@@ -24,7 +24,10 @@ on q, k, g, beta), so each program owns a [dk, block_v] slice of one head's stat
 the chunk matrices of its head: more programs and fewer registers per program, for the price of
 recomputing T. Grouped heads read their q/k head h // (Hv / Hk) through the index map (no
 repeat in memory). Everything in a program is float32 (inputs cast after loading; matmuls at
-HIGHEST precision: IEEE fp32 in Triton, fp32 passes on TPU).
+float32 accuracy: three TF32 tensor-core passes for the GPU driver, emulated where it is
+interpreted, HIGHEST for the TPU one, as `layers.pallas.precision` explains). On GPU the chunk
+is capped at 64 and at 4096 / dk (32 at dk = 128) so a program's blocks fit its registers and
+shared memory.
 
 Two drivers of the same chunk step:
   GPU (and interpret mode on CPU): one program holds its head's whole sequence as [n, C, d]
@@ -57,7 +60,7 @@ state; outputs sliced off).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,12 +72,16 @@ from jax.experimental.pallas import triton as pltriton
 
 from layers.gated_delta import _check, _resets
 from layers.pallas import dispatch
+from layers.pallas import precision
 
 Array = jax.Array
 
 _F32 = jnp.float32
 _BLOCK = 16  # diagonal blocks of T solved by substitution
 _MAX_DIM_K = 256  # a program holds [C, dk] blocks and a [dk, block_v] state
+# GPU: C * dk_padded at most this. Compiled for sm_90 at dk = 128, chunk 64's backward needs 288
+# KiB of shared memory (an H100 has 227 KiB), chunk 32's 112 KiB (`layers.pallas.precision`).
+_GPU_CHUNK_BY_DIM_K = 32 * 128
 
 
 def _pow2(x: int) -> int:
@@ -98,6 +105,25 @@ def supports(q: Array, k: Array, v: Array, g: Array, beta: Array,
   return None
 
 
+class _Dots(NamedTuple):
+  """float32 matmuls of a kernel for `platform` (`layers.pallas.precision`)."""
+  platform: str
+  interpret: Any
+
+  def _dot(self, a: Array, b: Array, contract: tuple[int, int]) -> Array:
+    return precision.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                                 platform=self.platform, interpret=self.interpret)
+
+  def mm(self, a: Array, b: Array) -> Array:  # a @ b
+    return self._dot(a, b, (1, 0))
+
+  def mm_nt(self, a: Array, b: Array) -> Array:  # a @ b^T
+    return self._dot(a, b, (1, 1))
+
+  def mm_tn(self, a: Array, b: Array) -> Array:  # a^T @ b
+    return self._dot(a, b, (0, 0))
+
+
 class _Config(NamedTuple):
   scale: float
   chunk: int
@@ -108,18 +134,12 @@ class _Config(NamedTuple):
   interpret: object  # bool or pltpu.InterpretParams
   platform: str
 
+  @property
+  def dots(self) -> _Dots:
+    return _Dots(self.platform, self.interpret)
+
 
 # ------------------------------------------------------------------------------ the chunk math
-
-
-def _dot(a: Array, b: Array, contract: tuple[int, int] = (1, 0)) -> Array:
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
-
-
-_mm = _dot  # a @ b
-_mm_nt = functools.partial(_dot, contract=(1, 1))  # a @ b^T
-_mm_tn = functools.partial(_dot, contract=(0, 0))  # a^T @ b
 
 
 class _Iota(NamedTuple):
@@ -142,7 +162,7 @@ class _Iota(NamedTuple):
     return jnp.sum(jnp.where(self.row == self.col, x, 0.0), axis=0, keepdims=True)
 
 
-def _unit_lower_inverse(a: Array, ix: _Iota) -> Array:
+def _unit_lower_inverse(a: Array, ix: _Iota, dots: _Dots) -> Array:
   """(I + a)^{-1} for strictly lower-triangular a [C, C]: 16 x 16 diagonal blocks by forward
   substitution (row r of every block at step r: T_i = e_i - sum_{j<i} a_ij T_j), then merges
   [[T11, 0], [M21, T22]] -> T21 = -T22 M21 T11, all as masked [C, C] matmuls."""
@@ -154,7 +174,7 @@ def _unit_lower_inverse(a: Array, ix: _Iota) -> Array:
   in_block = row & (base - 1)
 
   def substitute(r, t):
-    return t - _mm(jnp.where(in_block == r, a_diag, 0.0), t)
+    return t - dots.mm(jnp.where(in_block == r, a_diag, 0.0), t)
 
   t = lax.fori_loop(1, base, substitute, (row == col).astype(_F32))
   s, shift = base, shift
@@ -162,7 +182,7 @@ def _unit_lower_inverse(a: Array, ix: _Iota) -> Array:
     # The lower-left s x s block of every diagonal 2s x 2s block (a is 0 above the diagonal).
     m21 = jnp.where(((row >> (shift + 1)) == (col >> (shift + 1)))
                     & ((row >> shift) != (col >> shift)), a, 0.0)
-    t = t - _mm(t, _mm(m21, t))
+    t = t - dots.mm(t, dots.mm(m21, t))
     s, shift = 2 * s, shift + 1
   return t
 
@@ -181,7 +201,7 @@ class _Chunk(NamedTuple):
   u: Array  # [C, block_v] U
 
 
-def _chunk(q, k, v, g, beta, n, s, ix: _Iota) -> _Chunk:
+def _chunk(q, k, v, g, beta, n, s, ix: _Iota, dots: _Dots) -> _Chunk:
   """The chunk's matrices from q, k [C, dk], v [C, block_v], g, beta, n (resets so far) [1, C]
   and the entering state s [dk, block_v], all float32."""
   row, col = ix.row, ix.col
@@ -189,7 +209,7 @@ def _chunk(q, k, v, g, beta, n, s, ix: _Iota) -> _Chunk:
   n_col = ix.to_col(n)
   keep = lower & (n_col == n)
   g_lower = jnp.where(lower, g, 0.0)
-  seg = _mm(g_lower, strict.astype(_F32))  # sum_{j<m<=i} g_m
+  seg = dots.mm(g_lower, strict.astype(_F32))  # sum_{j<m<=i} g_m
   d = jnp.where(keep, jnp.exp(jnp.where(keep, seg, 0.0)), 0.0)
   start = n_col == 0.0
   cum = jnp.sum(g_lower, axis=1, keepdims=True)  # sum_{m<=i} g_m
@@ -197,42 +217,42 @@ def _chunk(q, k, v, g, beta, n, s, ix: _Iota) -> _Chunk:
   dend = ix.to_col(jnp.sum(jnp.where(row == col.shape[0] - 1, d, 0.0), axis=0, keepdims=True))
   gend = jnp.sum(jnp.where(ix.last, gam, 0.0), axis=0, keepdims=True)
   b = ix.to_col(beta)
-  kk = _mm_nt(k, k)
-  t = _unit_lower_inverse(jnp.where(strict, b * kk * d, 0.0), ix)
-  w = _mm(t, (b * gam) * k)
-  ut = _mm(t, b * v)
-  u = ut - _mm(w, s)
-  return _Chunk(d, gam, dend, gend, b, kk, _mm_nt(q, k), t, w, ut, u)
+  kk = dots.mm_nt(k, k)
+  t = _unit_lower_inverse(jnp.where(strict, b * kk * d, 0.0), ix, dots)
+  w = dots.mm(t, (b * gam) * k)
+  ut = dots.mm(t, b * v)
+  u = ut - dots.mm(w, s)
+  return _Chunk(d, gam, dend, gend, b, kk, dots.mm_nt(q, k), t, w, ut, u)
 
 
-def _chunk_forward(q, k, v, g, beta, n, s, scale):
+def _chunk_forward(q, k, v, g, beta, n, s, scale, dots: _Dots):
   """(O [C, block_v], the state leaving the chunk)."""
-  x = _chunk(q, k, v, g, beta, n, s, _Iota.make(q.shape[0]))
-  o = scale * (_mm(x.gam * q, s) + _mm(x.qk * x.d, x.u))
-  return o, x.gend * s + _mm_tn(x.dend * k, x.u)
+  x = _chunk(q, k, v, g, beta, n, s, _Iota.make(q.shape[0]), dots)
+  o = scale * (dots.mm(x.gam * q, s) + dots.mm(x.qk * x.d, x.u))
+  return o, x.gend * s + dots.mm_tn(x.dend * k, x.u)
 
 
-def _chunk_backward(q, k, v, g, beta, n, s, do, ds_next, scale):
+def _chunk_backward(q, k, v, g, beta, n, s, do, ds_next, scale, dots: _Dots):
   """Cotangents (dq, dk [C, dk], dv [C, block_v], dg, dbeta [1, C]) of the chunk and that of the
   entering state, from the output's do [C, block_v] and the leaving state's ds_next."""
   ix = _Iota.make(q.shape[0])
   row, col = ix.row, ix.col
-  x = _chunk(q, k, v, g, beta, n, s, ix)
+  x = _chunk(q, k, v, g, beta, n, s, ix, dots)
   do = scale * do
   k_end = x.dend * k
-  du = _mm_tn(x.qk * x.d, do) + _mm(k_end, ds_next)
-  dp = _mm_nt(do, x.u)
-  ds = x.gend * ds_next + _mm_tn(x.gam * q, do) - _mm_tn(x.w, du)
+  du = dots.mm_tn(x.qk * x.d, do) + dots.mm(k_end, ds_next)
+  dp = dots.mm_nt(do, x.u)
+  ds = x.gend * ds_next + dots.mm_tn(x.gam * q, do) - dots.mm_tn(x.w, du)
   dgend = jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True)
-  dqs = _mm_nt(do, s)  # d(gamma Q)
+  dqs = dots.mm_nt(do, s)  # d(gamma Q)
   dq = x.gam * dqs
   dgam = jnp.sum(q * dqs, axis=1, keepdims=True)
-  dk_end = _mm_nt(x.u, ds_next)
+  dk_end = dots.mm_nt(x.u, ds_next)
   dk = x.dend * dk_end
   ddend = jnp.sum(k * dk_end, axis=1, keepdims=True)
-  dkb = _mm_tn(x.t, -_mm_nt(du, s))  # T^T dW
-  dvb = _mm_tn(x.t, du)  # T^T dU~
-  da = -jnp.where(col < row, _mm_nt(dkb, x.w) + _mm_nt(dvb, x.ut), 0.0)
+  dkb = dots.mm_tn(x.t, -dots.mm_nt(du, s))  # T^T dW
+  dvb = dots.mm_tn(x.t, du)  # T^T dU~
+  da = -jnp.where(col < row, dots.mm_nt(dkb, x.w) + dots.mm_nt(dvb, x.ut), 0.0)
   dv = x.b * dvb
   kdkb = jnp.sum(k * dkb, axis=1, keepdims=True)
   dk = dk + (x.b * x.gam) * dkb
@@ -241,12 +261,12 @@ def _chunk_backward(q, k, v, g, beta, n, s, do, ds_next, scale):
   db = db + jnp.sum(da * x.kk * x.d, axis=1, keepdims=True)
   dkk = da * x.b * x.d
   dqk = dp * x.d
-  dk = dk + _mm(dkk, k) + _mm_tn(dkk, k) + _mm_tn(dqk, q)
-  dq = dq + _mm(dqk, k)
+  dk = dk + dots.mm(dkk, k) + dots.mm_tn(dkk, k) + dots.mm_tn(dqk, q)
+  dq = dq + dots.mm(dqk, k)
   dd = da * x.b * x.kk + dp * x.qk + jnp.where(row == col.shape[0] - 1, ix.to_row(ddend), 0.0)
   dgam = dgam + jnp.where(ix.last, dgend, 0.0)
   # g_m enters D[i, j] for j < m <= i and gamma_i for m <= i.
-  dseg = _mm(dd * x.d, (col > row).astype(_F32))  # [i, m] = sum_{j<m} dD_ij D_ij
+  dseg = dots.mm(dd * x.d, (col > row).astype(_F32))  # [i, m] = sum_{j<m} dD_ij D_ij
   dg = jnp.sum(jnp.where(row >= col, dseg + dgam * x.gam, 0.0), axis=0, keepdims=True)
   return (dq, dk, dv, dg, ix.to_row(db)), ds
 
@@ -285,7 +305,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, n_ref, s0_ref, o_ref, fin
   def step(at, s):
     load = lambda ref: at(ref)[...].astype(_F32)
     at(states_ref)[...] = s
-    o, s = _chunk_forward(*map(load, (q_ref, k_ref, v_ref, g_ref, b_ref, n_ref)), s, cfg.scale)
+    o, s = _chunk_forward(*map(load, (q_ref, k_ref, v_ref, g_ref, b_ref, n_ref)), s, cfg.scale,
+                          cfg.dots)
     at(o_ref)[...] = o.astype(o_ref.dtype)
     return s
 
@@ -297,7 +318,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, n_ref, states_ref, do_re
   def step(at, ds):
     load = lambda ref: at(ref)[...].astype(_F32)
     inputs = map(load, (q_ref, k_ref, v_ref, g_ref, b_ref, n_ref, states_ref, do_ref))
-    grads, ds = _chunk_backward(*inputs, ds, cfg.scale)
+    grads, ds = _chunk_backward(*inputs, ds, cfg.scale, cfg.dots)
     for ref, grad in zip((dq_ref, dk_ref, dv_ref, dg_ref, db_ref), grads):
       at(ref)[...] = grad
     return ds
@@ -418,7 +439,8 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale: float | None = None,
   `gated_delta_rule_chunked`; shapes in `layers.gated_delta.gated_delta_rule`).
 
   chunk_size: the kernel's chunk (a power of 2 in [16, 128]; shorter sequences use the next
-    power of 2 >= max(length, 16)).
+    power of 2 >= max(length, 16); on GPU at most 64 and 4096 / dim_k padded, the most a
+    Triton program's registers and shared memory hold).
   interpret: run the kernels in the Pallas interpreter (default: off GPU/TPU); True or a
     `pltpu.InterpretParams` (the TPU interpreter, which also checks block bounds).
   platform: "gpu" | "tpu" | "cpu" (default: the default backend): picks the driver (TPU: chunks
@@ -442,6 +464,8 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale: float | None = None,
     raise ValueError(f"gated_delta_rule_pallas: block_v must be a power of 2 >= 16 dividing "
                      f"{dvp} (dim_v padded), got {block_v}")
   c = min(int(chunk_size), _pow2(max(length, 16)))
+  if platform == "gpu":
+    c = min(c, 64, max(16, _GPU_CHUNK_BY_DIM_K // dkp))
   n = -(-length // c)
   pad = n * c - length
   scale = dk ** -0.5 if scale is None else float(scale)

@@ -33,7 +33,9 @@ and recomputes each chunk from hs[c] instead of storing per-token states:
 
 B and C gradients come out per head and are summed over each group's heads outside the kernel;
 dt, A, x, D gradients follow from dX and da by autodiff of the elementwise wrapper. Everything
-inside the kernels is float32 (inputs are cast by the wrapper), matmuls at full float32 precision.
+inside the kernels is float32 (inputs are cast by the wrapper), matmuls at float32 accuracy (three
+TF32 tensor-core passes for the GPU driver, emulated where it is interpreted, HIGHEST for the TPU
+one: `layers.pallas.precision`).
 
 Block shapes: the wrapper pads Q, P, N to powers of two >= 16 (Triton's tensor sizes and tl.dot
 minimum) and lays arrays out as [batch, heads, chunks, Q, P]; every block holds one (batch, head)
@@ -55,27 +57,35 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from layers.pallas import dispatch
+from layers.pallas import precision
 
 Array = jax.Array
 
 _RESET = -1e30  # a_t at a document change: exp(any sum containing it) == 0, and stays finite
 _MIN_BLOCK = 16  # tl.dot needs every matmul dim >= 16
 _MAX_CHUNK = 64  # [Q, Q] float32 intermediates per program
+# GPU: Q * max(P, N) (padded) at most this. Compiled for sm_90 at P = N = 128, chunk 64 needs 160
+# KiB (forward) and 256 KiB (backward) of shared memory, over an H100's 227 KiB; chunk 32 128 KiB.
+_GPU_CHUNK_BY_DIM = 32 * 128
 _MAX_STATE = 128 * 128  # padded P * N held in registers / vmem per program
 _TPU_VMEM_BUDGET = 12 * 2**20  # bytes of double-buffered blocks per program (default limit 16 MiB)
 _DTYPES = (jnp.float32, jnp.bfloat16)
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def _pow2(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _sizes(length: int, head_dim: int, d_state: int, chunk_size: int) -> tuple[int, int, int, int]:
-  """(q, n_chunks, padded head_dim, padded d_state): q a power of two in [16, 64]."""
+def _sizes(length: int, head_dim: int, d_state: int, chunk_size: int,
+           platform: str) -> tuple[int, int, int, int]:
+  """(q, n_chunks, padded head_dim, padded d_state): q a power of two in [16, 64] (on GPU at
+  most 4096 / max(padded head_dim, d_state))."""
+  p, n = max(_pow2(head_dim), _MIN_BLOCK), max(_pow2(d_state), _MIN_BLOCK)
   q = min(1 << (int(chunk_size).bit_length() - 1), _pow2(length), _MAX_CHUNK)
+  if platform == "gpu":
+    q = min(q, _GPU_CHUNK_BY_DIM // max(p, n))
   q = max(q, _MIN_BLOCK)
-  return q, -(-length // q), max(_pow2(head_dim), _MIN_BLOCK), max(_pow2(d_state), _MIN_BLOCK)
+  return q, -(-length // q), p, n
 
 
 def supports(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=None,
@@ -92,11 +102,12 @@ def supports(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=None
     return f"chunk_size must be a positive int, got {chunk_size!r}"
   _, length, _, head_dim = x.shape
   d_state = B.shape[-1]
-  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size)
+  platform = platform or dispatch.platform()
+  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size, platform)
   if p * n > _MAX_STATE:
     return (f"head_dim x d_state = {head_dim} x {d_state} (padded {p} x {n}) exceeds the "
             f"{_MAX_STATE}-element state one program holds")
-  if (platform or dispatch.platform()) == "tpu":
+  if platform == "tpu":
     # The backward's blocks (the larger pass), float32, double-buffered; a and da rows [1, Q]
     # take an (8, 128) tile each.
     rows = n_chunks * q
@@ -111,7 +122,9 @@ def _compiler_params(platform: str | None, p: int, n: int):
   platform = platform or dispatch.platform()
   if platform == "gpu":
     from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=4 if p * n <= 64 * 64 else 8, num_stages=2)
+    # One stage: software-pipelining the chunk loop's loads would take shared memory the
+    # matmuls need (160 vs 256 KiB for the forward at Q = 64, P = N = 128).
+    return plgpu.CompilerParams(num_warps=4 if p * n <= 64 * 64 else 8, num_stages=1)
   if platform == "tpu":
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
@@ -123,14 +136,14 @@ def _compiler_params(platform: str | None, p: int, n: int):
 # states [nc, P, N]; h0, final [P, N].
 
 
-def _dot(a, b, ta=False, tb=False):
-  """a @ b with optional transposes, at full float32 precision."""
+def _dot(a, b, ta=False, tb=False, *, platform, interpret):
+  """a @ b with optional transposes, at float32 accuracy in a kernel for `platform`
+  (`layers.pallas.precision`); the kernels get it with platform and interpret bound."""
   dims = (((0,) if ta else (1,)), ((1,) if tb else (0,)))
-  return lax.dot_general(a, b, (dims, ((), ())), precision=_HIGHEST,
-                         preferred_element_type=jnp.float32)
+  return precision.dot_general(a, b, (dims, ((), ())), platform=platform, interpret=interpret)
 
 
-def _chunk_terms(a, bm, cm):
+def _chunk_terms(a, bm, cm, dot):
   """Per-chunk decay terms from a [1, Q] (row) and B, C [Q, N]:
   (S0 = (C B^T) masked, L = exp(seg) masked, exp(cs) [Q,1], exp(tail) [Q,1], exp(tot) [1,1])."""
   q = a.shape[-1]
@@ -138,53 +151,54 @@ def _chunk_terms(a, bm, cm):
   col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
   causal = col <= row
   w = jnp.where(causal, a, 0.0)  # w[i, k] = [k <= i] a_k
-  seg = _dot(w, (col < row).astype(jnp.float32))  # sum_k [k <= i] a_k [j < k]
+  seg = dot(w, (col < row).astype(jnp.float32))  # sum_k [k <= i] a_k [j < k]
   lmat = jnp.where(causal, jnp.exp(seg), 0.0)
   cs = jnp.sum(w, axis=1, keepdims=True)
   tail = jnp.sum(jnp.where(col > row, a, 0.0), axis=1, keepdims=True)
   tot = jnp.sum(a, axis=1, keepdims=True)
-  return _dot(cm, bm, tb=True), lmat, jnp.exp(cs), jnp.exp(tail), jnp.exp(tot)
+  return dot(cm, bm, tb=True), lmat, jnp.exp(cs), jnp.exp(tail), jnp.exp(tot)
 
 
-def _forward_kernel(x_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, final_ref, states_ref=None):
+def _forward_kernel(x_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, final_ref, states_ref=None, *,
+                    dot):
   def body(c, h):
     x, a, bm, cm = x_ref[c], a_ref[c], b_ref[c], c_ref[c]
     if states_ref is not None:
       states_ref[c] = h
-    g, lmat, ecs, etail, etot = _chunk_terms(a, bm, cm)
-    y_ref[c] = _dot(g * lmat, x) + ecs * _dot(cm, h, tb=True)
-    return etot * h + _dot(etail * x, bm, ta=True)
+    g, lmat, ecs, etail, etot = _chunk_terms(a, bm, cm, dot)
+    y_ref[c] = dot(g * lmat, x) + ecs * dot(cm, h, tb=True)
+    return etot * h + dot(etail * x, bm, ta=True)
 
   final_ref[...] = lax.fori_loop(0, x_ref.shape[0], body, h0_ref[...])
 
 
 def _backward_kernel(x_ref, a_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
-                     dx_ref, da_ref, db_ref, dc_ref, dh0_ref):
+                     dx_ref, da_ref, db_ref, dc_ref, dh0_ref, *, dot):
   n_chunks = x_ref.shape[0]
 
   def body(i, dh):
     c = n_chunks - 1 - i
     x, a, bm, cm, h, dy = x_ref[c], a_ref[c], b_ref[c], c_ref[c], states_ref[c], dy_ref[c]
-    g, lmat, ecs, etail, etot = _chunk_terms(a, bm, cm)
+    g, lmat, ecs, etail, etot = _chunk_terms(a, bm, cm, dot)
     s = g * lmat
-    b_dh = _dot(bm, dh, tb=True)  # [Q, P]
-    ds = _dot(dy, x, tb=True)  # [Q(i), Q(j)]
+    b_dh = dot(bm, dh, tb=True)  # [Q, P]
+    ds = dot(dy, x, tb=True)  # [Q(i), Q(j)]
     dg = ds * lmat
-    dx_ref[c] = _dot(s, dy, ta=True) + etail * b_dh
-    dc_ref[c] = _dot(dg, bm) + ecs * _dot(dy, h)
-    db_ref[c] = _dot(dg, cm, ta=True) + etail * _dot(x, dh)
+    dx_ref[c] = dot(s, dy, ta=True) + etail * b_dh
+    dc_ref[c] = dot(dg, bm) + ecs * dot(dy, h)
+    db_ref[c] = dot(dg, cm, ta=True) + etail * dot(x, dh)
     # da_k: rows i (or j) of the [Q, Q] masks below, columns k.
     q = a.shape[-1]
     row = lax.broadcasted_iota(jnp.int32, (q, q), 0)
     col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    r = _dot(ds * s, (row < col).astype(jnp.float32))  # r[i, k] = sum_{j<k} dseg[i, j]
-    dcs = ecs * jnp.sum(dy * _dot(cm, h, tb=True), axis=1, keepdims=True)  # [Q, 1]
+    r = dot(ds * s, (row < col).astype(jnp.float32))  # r[i, k] = sum_{j<k} dseg[i, j]
+    dcs = ecs * jnp.sum(dy * dot(cm, h, tb=True), axis=1, keepdims=True)  # [Q, 1]
     dtail = etail * jnp.sum(x * b_dh, axis=1, keepdims=True)  # [Q, 1]
     dtot = etot * jnp.sum(jnp.sum(h * dh, axis=1, keepdims=True), axis=0, keepdims=True)
     da = (jnp.sum(jnp.where(row >= col, r + dcs, 0.0), axis=0, keepdims=True)
           + jnp.sum(jnp.where(row < col, dtail, 0.0), axis=0, keepdims=True) + dtot)
     da_ref[c] = da
-    return etot * dh + _dot(ecs * dy, cm, ta=True)
+    return etot * dh + dot(ecs * dy, cm, ta=True)
 
   dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
 
@@ -202,6 +216,10 @@ def _specs(shape, rep=1):
                       lambda i, h: (i, lax.div(h, rep)) + (0,) * (len(shape) - 2))
 
 
+def _kernel_dot(platform, interpret):
+  return functools.partial(_dot, platform=platform or dispatch.platform(), interpret=interpret)
+
+
 def _forward(X, a, B, C, h0, rep, interpret, platform, save_states):
   batch, heads, n_chunks, q, p = X.shape
   n = B.shape[-1]
@@ -210,7 +228,8 @@ def _forward(X, a, B, C, h0, rep, interpret, platform, save_states):
   if save_states:
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, n_chunks, p, n), f32))
   return pl.pallas_call(
-      _forward_kernel, out_shape=out_shape, grid=(batch, heads),
+      functools.partial(_forward_kernel, dot=_kernel_dot(platform, interpret)),
+      out_shape=out_shape, grid=(batch, heads),
       in_specs=[_specs(X.shape), _specs(a.shape), _specs(B.shape, rep), _specs(C.shape, rep),
                 _specs(h0.shape)],
       out_specs=[_specs(s.shape) for s in out_shape],
@@ -227,7 +246,8 @@ def _backward(X, a, B, C, states, dy, dfinal, rep, interpret, platform):
                jax.ShapeDtypeStruct(per_head, f32), jax.ShapeDtypeStruct(per_head, f32),
                jax.ShapeDtypeStruct(dfinal.shape, f32)]
   return pl.pallas_call(
-      _backward_kernel, out_shape=out_shape, grid=(batch, heads),
+      functools.partial(_backward_kernel, dot=_kernel_dot(platform, interpret)),
+      out_shape=out_shape, grid=(batch, heads),
       in_specs=[_specs(X.shape), _specs(a.shape), _specs(B.shape, rep), _specs(C.shape, rep),
                 _specs(states.shape), _specs(dy.shape), _specs(dfinal.shape)],
       out_specs=[_specs(s.shape) for s in out_shape],
@@ -266,9 +286,10 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=No
   x [batch, L, H, P], dt [batch, L, H], A [H], B, C [batch, L, G, N], D [H] or None,
   initial_state [batch, H, P, N] or None, segment_ids [batch, L] or None. Returns y [batch, L, H,
   P] in x's dtype and the final state [batch, H, P, N] float32. chunk_size picks the kernel's
-  chunk: the largest power of two <= chunk_size, clamped to [16, 64] and to the padded length.
-  interpret: None -> `dispatch.interpret_mode()`; platform (None -> `dispatch.platform()`) only
-  picks the compiler params ("gpu": Triton, "tpu": Mosaic).
+  chunk: the largest power of two <= chunk_size, clamped to [16, 64] and to the padded length
+  (on GPU also to 4096 / max(P, N) padded: 32 at P = N = 128). interpret: None ->
+  `dispatch.interpret_mode()`; platform (None -> `dispatch.platform()`) picks the compiler params
+  ("gpu": Triton, "tpu": Mosaic), the GPU chunk cap and the matmul precision.
   """
   reason = supports(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
                     segment_ids=segment_ids, platform=platform)
@@ -278,7 +299,8 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=No
     interpret = dispatch.interpret_mode()
   batch, length, heads, head_dim = x.shape
   groups, d_state = B.shape[2:]
-  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size)
+  platform = platform or dispatch.platform()
+  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size, platform)
   pad = n_chunks * q - length
   f32 = jnp.float32
   # One cast per input, so each gradient returns through a single cast into the input dtype.
