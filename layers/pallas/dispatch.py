@@ -8,8 +8,9 @@ Every op with a kernel (`selective_scan`, `ssd`, `gated_delta_rule`, and
                on CPU it runs in interpret mode, which is how the tests check it)
   "auto"       "pallas" on GPU/TPU where the kernel's `supports(...)` holds, else "xla"
 
-The kernels compute the same function as the XLA form to float32 rounding, so the choice never
-changes the answer, only the speed.
+The kernels compute the same function as the XLA form to float32 rounding (to bf16 rounding of
+the matmul operands where the inputs are bf16: attention and gated delta feed bf16 inputs to the
+tensor cores as they are), so the choice changes the speed, not the answer.
 
 Under a mesh (set with `jax.set_mesh`, as `ssm.train` does), `on_mesh` runs a kernel inside
 `jax.shard_map` over the batch axes (`data`, `fsdp`) and the head axis (`tensor`): XLA cannot

@@ -23,11 +23,15 @@ Grid: (batch, value heads, dv / block_v). Columns of S evolve independently (T, 
 on q, k, g, beta), so each program owns a [dk, block_v] slice of one head's state and recomputes
 the chunk matrices of its head: more programs and fewer registers per program, for the price of
 recomputing T. Grouped heads read their q/k head h // (Hv / Hk) through the index map (no
-repeat in memory). Everything in a program is float32 (inputs cast after loading; matmuls at
-float32 accuracy: three TF32 tensor-core passes for the GPU driver, emulated where it is
-interpreted, HIGHEST for the TPU one, as `layers.pallas.precision` explains). On GPU the chunk
-is capped at 64 and at 4096 / dk (32 at dk = 128) so a program's blocks fit its registers and
-shared memory.
+repeat in memory). Everything in a program is float32 (inputs cast after loading), and so are
+the matmuls' results. Their operands: where q, k and v are bf16, the products with q, k, v, the
+state and their cotangents take bf16 operands (the tensor cores' / MXU's native input, as in flash
+attention; about 4e-3 relative error against the float32 reference, flat in the length), while
+the masked cumulative sums of g and the substitution for T stay at float32 accuracy, where
+rounding would move exp() of large decays. float32 accuracy is three TF32 tensor-core passes for
+the GPU driver (emulated where it is interpreted) and HIGHEST for the TPU one
+(`layers.pallas.precision`). On GPU the chunk is capped at 64 and at 4096 / dk for float32 inputs
+(8192 / dk for bf16) so that a program's blocks fit its registers and shared memory.
 
 Two drivers of the same chunk step:
   GPU (and interpret mode on CPU): one program holds its head's whole sequence as [n, C, d]
@@ -79,9 +83,11 @@ Array = jax.Array
 _F32 = jnp.float32
 _BLOCK = 16  # diagonal blocks of T solved by substitution
 _MAX_DIM_K = 256  # a program holds [C, dk] blocks and a [dk, block_v] state
-# GPU: C * dk_padded at most this. Compiled for sm_90 at dk = 128, chunk 64's backward needs 288
-# KiB of shared memory (an H100 has 227 KiB), chunk 32's 112 KiB (`layers.pallas.precision`).
+# GPU: C * dk_padded at most this. Compiled for sm_90 at dk = 128 with float32 inputs, chunk 64's
+# backward needs 288 KiB of shared memory (an H100 has 227 KiB), chunk 32's 112 KiB; with bf16
+# matmul operands chunk 64 needs 128 KiB (forward) and 168 KiB (backward).
 _GPU_CHUNK_BY_DIM_K = 32 * 128
+_GPU_CHUNK_BY_DIM_K_BF16 = 64 * 128
 
 
 def _pow2(x: int) -> int:
@@ -106,13 +112,23 @@ def supports(q: Array, k: Array, v: Array, g: Array, beta: Array,
 
 
 class _Dots(NamedTuple):
-  """float32 matmuls of a kernel for `platform` (`layers.pallas.precision`)."""
+  """The matmuls of a kernel for `platform`, float32 results. `exact_mm`: float32 accuracy
+  (`layers.pallas.precision`), for the masked cumulative sums of g and for T. The others (the
+  products with q, k, v, the state and their cotangents) take bf16 operands where the inputs are
+  bf16 (`bf16`), as flash attention does, and float32 accuracy otherwise."""
   platform: str
   interpret: Any
+  bf16: bool
 
-  def _dot(self, a: Array, b: Array, contract: tuple[int, int]) -> Array:
-    return precision.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                                 platform=self.platform, interpret=self.interpret)
+  def _dot(self, a: Array, b: Array, contract: tuple[int, int], exact: bool = False) -> Array:
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    if self.bf16 and not exact:
+      return lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
+                             preferred_element_type=_F32)
+    return precision.dot_general(a, b, dims, platform=self.platform, interpret=self.interpret)
+
+  def exact_mm(self, a: Array, b: Array) -> Array:  # a @ b at float32 accuracy
+    return self._dot(a, b, (1, 0), exact=True)
 
   def mm(self, a: Array, b: Array) -> Array:  # a @ b
     return self._dot(a, b, (1, 0))
@@ -133,10 +149,11 @@ class _Config(NamedTuple):
   tpu: bool  # chunks as the last grid axis, state in VMEM scratch
   interpret: object  # bool or pltpu.InterpretParams
   platform: str
+  bf16: bool  # q, k and v are bf16: bf16 operands in the matmuls with them (`_Dots`)
 
   @property
   def dots(self) -> _Dots:
-    return _Dots(self.platform, self.interpret)
+    return _Dots(self.platform, self.interpret, self.bf16)
 
 
 # ------------------------------------------------------------------------------ the chunk math
@@ -174,7 +191,7 @@ def _unit_lower_inverse(a: Array, ix: _Iota, dots: _Dots) -> Array:
   in_block = row & (base - 1)
 
   def substitute(r, t):
-    return t - dots.mm(jnp.where(in_block == r, a_diag, 0.0), t)
+    return t - dots.exact_mm(jnp.where(in_block == r, a_diag, 0.0), t)
 
   t = lax.fori_loop(1, base, substitute, (row == col).astype(_F32))
   s, shift = base, shift
@@ -182,7 +199,7 @@ def _unit_lower_inverse(a: Array, ix: _Iota, dots: _Dots) -> Array:
     # The lower-left s x s block of every diagonal 2s x 2s block (a is 0 above the diagonal).
     m21 = jnp.where(((row >> (shift + 1)) == (col >> (shift + 1)))
                     & ((row >> shift) != (col >> shift)), a, 0.0)
-    t = t - dots.mm(t, dots.mm(m21, t))
+    t = t - dots.exact_mm(t, dots.exact_mm(m21, t))
     s, shift = 2 * s, shift + 1
   return t
 
@@ -209,7 +226,7 @@ def _chunk(q, k, v, g, beta, n, s, ix: _Iota, dots: _Dots) -> _Chunk:
   n_col = ix.to_col(n)
   keep = lower & (n_col == n)
   g_lower = jnp.where(lower, g, 0.0)
-  seg = dots.mm(g_lower, strict.astype(_F32))  # sum_{j<m<=i} g_m
+  seg = dots.exact_mm(g_lower, strict.astype(_F32))  # sum_{j<m<=i} g_m
   d = jnp.where(keep, jnp.exp(jnp.where(keep, seg, 0.0)), 0.0)
   start = n_col == 0.0
   cum = jnp.sum(g_lower, axis=1, keepdims=True)  # sum_{m<=i} g_m
@@ -266,7 +283,7 @@ def _chunk_backward(q, k, v, g, beta, n, s, do, ds_next, scale, dots: _Dots):
   dd = da * x.b * x.kk + dp * x.qk + jnp.where(row == col.shape[0] - 1, ix.to_row(ddend), 0.0)
   dgam = dgam + jnp.where(ix.last, dgend, 0.0)
   # g_m enters D[i, j] for j < m <= i and gamma_i for m <= i.
-  dseg = dots.mm(dd * x.d, (col > row).astype(_F32))  # [i, m] = sum_{j<m} dD_ij D_ij
+  dseg = dots.exact_mm(dd * x.d, (col > row).astype(_F32))  # [i, m] = sum_{j<m} dD_ij D_ij
   dg = jnp.sum(jnp.where(row >= col, dseg + dgam * x.gam, 0.0), axis=0, keepdims=True)
   return (dq, dk, dv, dg, ix.to_row(db)), ds
 
@@ -439,8 +456,8 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale: float | None = None,
   `gated_delta_rule_chunked`; shapes in `layers.gated_delta.gated_delta_rule`).
 
   chunk_size: the kernel's chunk (a power of 2 in [16, 128]; shorter sequences use the next
-    power of 2 >= max(length, 16); on GPU at most 64 and 4096 / dim_k padded, the most a
-    Triton program's registers and shared memory hold).
+    power of 2 >= max(length, 16); on GPU at most 64 and 4096 / dim_k padded, 8192 / dim_k
+    for bf16 q, k, v: the most a Triton program's registers and shared memory hold).
   interpret: run the kernels in the Pallas interpreter (default: off GPU/TPU); True or a
     `pltpu.InterpretParams` (the TPU interpreter, which also checks block bounds).
   platform: "gpu" | "tpu" | "cpu" (default: the default backend): picks the driver (TPU: chunks
@@ -464,12 +481,13 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale: float | None = None,
     raise ValueError(f"gated_delta_rule_pallas: block_v must be a power of 2 >= 16 dividing "
                      f"{dvp} (dim_v padded), got {block_v}")
   c = min(int(chunk_size), _pow2(max(length, 16)))
+  bf16 = all(jnp.dtype(a.dtype) == jnp.dtype(jnp.bfloat16) for a in (q, k, v))
   if platform == "gpu":
-    c = min(c, 64, max(16, _GPU_CHUNK_BY_DIM_K // dkp))
+    c = min(c, 64, max(16, (_GPU_CHUNK_BY_DIM_K_BF16 if bf16 else _GPU_CHUNK_BY_DIM_K) // dkp))
   n = -(-length // c)
   pad = n * c - length
   scale = dk ** -0.5 if scale is None else float(scale)
-  cfg = _Config(scale, c, n, block_v, hv // hk, platform == "tpu", interpret, platform)
+  cfg = _Config(scale, c, n, block_v, hv // hk, platform == "tpu", interpret, platform, bf16)
 
   def blocks(a, width):  # [B, L, H, d] -> [B, H, n, C, width]
     a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, width - a.shape[-1])))

@@ -33,9 +33,12 @@ and recomputes each chunk from hs[c] instead of storing per-token states:
 
 B and C gradients come out per head and are summed over each group's heads outside the kernel;
 dt, A, x, D gradients follow from dX and da by autodiff of the elementwise wrapper. Everything
-inside the kernels is float32 (inputs are cast by the wrapper), matmuls at float32 accuracy (three
-TF32 tensor-core passes for the GPU driver, emulated where it is interpreted, HIGHEST for the TPU
-one: `layers.pallas.precision`).
+inside the kernels is float32 (inputs are cast by the wrapper), and so are the matmuls' results.
+Where x, B and C are bf16 the matmuls take bf16 operands (the tensor cores' / MXU's input; about
+3e-3 relative error against the float32 reference, flat in the length), except the masked
+cumulative sums (seg, and r in the backward), which stay at float32 accuracy as exp() of a decay
+must; float32 accuracy is three TF32 tensor-core passes for the GPU driver (emulated where it is
+interpreted) and HIGHEST for the TPU one (`layers.pallas.precision`).
 
 Block shapes: the wrapper pads Q, P, N to powers of two >= 16 (Triton's tensor sizes and tl.dot
 minimum) and lays arrays out as [batch, heads, chunks, Q, P]; every block holds one (batch, head)
@@ -64,9 +67,11 @@ Array = jax.Array
 _RESET = -1e30  # a_t at a document change: exp(any sum containing it) == 0, and stays finite
 _MIN_BLOCK = 16  # tl.dot needs every matmul dim >= 16
 _MAX_CHUNK = 64  # [Q, Q] float32 intermediates per program
-# GPU: Q * max(P, N) (padded) at most this. Compiled for sm_90 at P = N = 128, chunk 64 needs 160
-# KiB (forward) and 256 KiB (backward) of shared memory, over an H100's 227 KiB; chunk 32 128 KiB.
+# GPU: Q * max(P, N) (padded) at most this. Compiled for sm_90 at P = N = 128 with float32 inputs,
+# chunk 64 needs 160 KiB (forward) and 256 KiB (backward) of shared memory, over an H100's 227
+# KiB; chunk 32 128 KiB. With bf16 matmul operands chunk 64 needs 96 and 176 KiB.
 _GPU_CHUNK_BY_DIM = 32 * 128
+_GPU_CHUNK_BY_DIM_BF16 = 64 * 128
 _MAX_STATE = 128 * 128  # padded P * N held in registers / vmem per program
 _TPU_VMEM_BUDGET = 12 * 2**20  # bytes of double-buffered blocks per program (default limit 16 MiB)
 _DTYPES = (jnp.float32, jnp.bfloat16)
@@ -76,14 +81,19 @@ def _pow2(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _sizes(length: int, head_dim: int, d_state: int, chunk_size: int,
-           platform: str) -> tuple[int, int, int, int]:
+def _bf16_inputs(x, B, C) -> bool:
+  """Whether the kernels' matmuls take bf16 operands (`_dot`): x, B and C are bf16."""
+  return all(jnp.dtype(v.dtype) == jnp.dtype(jnp.bfloat16) for v in (x, B, C))
+
+
+def _sizes(length: int, head_dim: int, d_state: int, chunk_size: int, platform: str,
+           bf16: bool) -> tuple[int, int, int, int]:
   """(q, n_chunks, padded head_dim, padded d_state): q a power of two in [16, 64] (on GPU at
-  most 4096 / max(padded head_dim, d_state))."""
+  most 4096 / max(padded head_dim, d_state), 8192 / ... with bf16 matmul operands)."""
   p, n = max(_pow2(head_dim), _MIN_BLOCK), max(_pow2(d_state), _MIN_BLOCK)
   q = min(1 << (int(chunk_size).bit_length() - 1), _pow2(length), _MAX_CHUNK)
   if platform == "gpu":
-    q = min(q, _GPU_CHUNK_BY_DIM // max(p, n))
+    q = min(q, (_GPU_CHUNK_BY_DIM_BF16 if bf16 else _GPU_CHUNK_BY_DIM) // max(p, n))
   q = max(q, _MIN_BLOCK)
   return q, -(-length // q), p, n
 
@@ -103,7 +113,8 @@ def supports(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=None
   _, length, _, head_dim = x.shape
   d_state = B.shape[-1]
   platform = platform or dispatch.platform()
-  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size, platform)
+  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size, platform,
+                             _bf16_inputs(x, B, C))
   if p * n > _MAX_STATE:
     return (f"head_dim x d_state = {head_dim} x {d_state} (padded {p} x {n}) exceeds the "
             f"{_MAX_STATE}-element state one program holds")
@@ -136,11 +147,15 @@ def _compiler_params(platform: str | None, p: int, n: int):
 # states [nc, P, N]; h0, final [P, N].
 
 
-def _dot(a, b, ta=False, tb=False, *, platform, interpret):
-  """a @ b with optional transposes, at float32 accuracy in a kernel for `platform`
-  (`layers.pallas.precision`); the kernels get it with platform and interpret bound."""
-  dims = (((0,) if ta else (1,)), ((1,) if tb else (0,)))
-  return precision.dot_general(a, b, (dims, ((), ())), platform=platform, interpret=interpret)
+def _dot(a, b, ta=False, tb=False, exact=False, *, platform, interpret, bf16):
+  """a @ b with optional transposes in a kernel for `platform`, float32 result: with bf16
+  operands where the inputs are bf16 (`bf16`) unless `exact`, else at float32 accuracy
+  (`layers.pallas.precision`). The kernels get it with the keyword arguments bound."""
+  dims = ((((0,) if ta else (1,)), ((1,) if tb else (0,))), ((), ()))
+  if bf16 and not exact:
+    return lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
+                           preferred_element_type=jnp.float32)
+  return precision.dot_general(a, b, dims, platform=platform, interpret=interpret)
 
 
 def _chunk_terms(a, bm, cm, dot):
@@ -151,7 +166,7 @@ def _chunk_terms(a, bm, cm, dot):
   col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
   causal = col <= row
   w = jnp.where(causal, a, 0.0)  # w[i, k] = [k <= i] a_k
-  seg = dot(w, (col < row).astype(jnp.float32))  # sum_k [k <= i] a_k [j < k]
+  seg = dot(w, (col < row).astype(jnp.float32), exact=True)  # sum_k [k <= i] a_k [j < k]
   lmat = jnp.where(causal, jnp.exp(seg), 0.0)
   cs = jnp.sum(w, axis=1, keepdims=True)
   tail = jnp.sum(jnp.where(col > row, a, 0.0), axis=1, keepdims=True)
@@ -191,7 +206,7 @@ def _backward_kernel(x_ref, a_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
     q = a.shape[-1]
     row = lax.broadcasted_iota(jnp.int32, (q, q), 0)
     col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    r = dot(ds * s, (row < col).astype(jnp.float32))  # r[i, k] = sum_{j<k} dseg[i, j]
+    r = dot(ds * s, (row < col).astype(jnp.float32), exact=True)  # sum_{j<k} dseg[i, j]
     dcs = ecs * jnp.sum(dy * dot(cm, h, tb=True), axis=1, keepdims=True)  # [Q, 1]
     dtail = etail * jnp.sum(x * b_dh, axis=1, keepdims=True)  # [Q, 1]
     dtot = etot * jnp.sum(jnp.sum(h * dh, axis=1, keepdims=True), axis=0, keepdims=True)
@@ -216,11 +231,12 @@ def _specs(shape, rep=1):
                       lambda i, h: (i, lax.div(h, rep)) + (0,) * (len(shape) - 2))
 
 
-def _kernel_dot(platform, interpret):
-  return functools.partial(_dot, platform=platform or dispatch.platform(), interpret=interpret)
+def _kernel_dot(platform, interpret, bf16):
+  return functools.partial(_dot, platform=platform or dispatch.platform(), interpret=interpret,
+                           bf16=bf16)
 
 
-def _forward(X, a, B, C, h0, rep, interpret, platform, save_states):
+def _forward(X, a, B, C, h0, rep, interpret, platform, bf16, save_states):
   batch, heads, n_chunks, q, p = X.shape
   n = B.shape[-1]
   f32 = jnp.float32
@@ -228,7 +244,7 @@ def _forward(X, a, B, C, h0, rep, interpret, platform, save_states):
   if save_states:
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, n_chunks, p, n), f32))
   return pl.pallas_call(
-      functools.partial(_forward_kernel, dot=_kernel_dot(platform, interpret)),
+      functools.partial(_forward_kernel, dot=_kernel_dot(platform, interpret, bf16)),
       out_shape=out_shape, grid=(batch, heads),
       in_specs=[_specs(X.shape), _specs(a.shape), _specs(B.shape, rep), _specs(C.shape, rep),
                 _specs(h0.shape)],
@@ -237,7 +253,7 @@ def _forward(X, a, B, C, h0, rep, interpret, platform, save_states):
       name="ssd_forward")(X, a, B, C, h0)
 
 
-def _backward(X, a, B, C, states, dy, dfinal, rep, interpret, platform):
+def _backward(X, a, B, C, states, dy, dfinal, rep, interpret, platform, bf16):
   batch, heads, n_chunks, q, p = X.shape
   n = B.shape[-1]
   f32 = jnp.float32
@@ -246,7 +262,7 @@ def _backward(X, a, B, C, states, dy, dfinal, rep, interpret, platform):
                jax.ShapeDtypeStruct(per_head, f32), jax.ShapeDtypeStruct(per_head, f32),
                jax.ShapeDtypeStruct(dfinal.shape, f32)]
   return pl.pallas_call(
-      functools.partial(_backward_kernel, dot=_kernel_dot(platform, interpret)),
+      functools.partial(_backward_kernel, dot=_kernel_dot(platform, interpret, bf16)),
       out_shape=out_shape, grid=(batch, heads),
       in_specs=[_specs(X.shape), _specs(a.shape), _specs(B.shape, rep), _specs(C.shape, rep),
                 _specs(states.shape), _specs(dy.shape), _specs(dfinal.shape)],
@@ -255,20 +271,21 @@ def _backward(X, a, B, C, states, dy, dfinal, rep, interpret, platform):
       name="ssd_backward")(X, a, B, C, states, dy, dfinal)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _ssd_core(X, a, B, C, h0, rep, interpret, platform):
-  return tuple(_forward(X, a, B, C, h0, rep, interpret, platform, save_states=False))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _ssd_core(X, a, B, C, h0, rep, interpret, platform, bf16):
+  return tuple(_forward(X, a, B, C, h0, rep, interpret, platform, bf16, save_states=False))
 
 
-def _ssd_core_fwd(X, a, B, C, h0, rep, interpret, platform):
-  y, final, states = _forward(X, a, B, C, h0, rep, interpret, platform, save_states=True)
+def _ssd_core_fwd(X, a, B, C, h0, rep, interpret, platform, bf16):
+  y, final, states = _forward(X, a, B, C, h0, rep, interpret, platform, bf16, save_states=True)
   return (y, final), (X, a, B, C, states)
 
 
-def _ssd_core_bwd(rep, interpret, platform, res, cotangents):
+def _ssd_core_bwd(rep, interpret, platform, bf16, res, cotangents):
   X, a, B, C, states = res
   dy, dfinal = cotangents
-  dX, da, dB, dC, dh0 = _backward(X, a, B, C, states, dy, dfinal, rep, interpret, platform)
+  dX, da, dB, dC, dh0 = _backward(X, a, B, C, states, dy, dfinal, rep, interpret, platform,
+                                  bf16)
   groups = B.shape[1]
   dB = dB.reshape((dB.shape[0], groups, rep) + dB.shape[2:]).sum(axis=2)
   dC = dC.reshape((dC.shape[0], groups, rep) + dC.shape[2:]).sum(axis=2)
@@ -287,7 +304,8 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=No
   initial_state [batch, H, P, N] or None, segment_ids [batch, L] or None. Returns y [batch, L, H,
   P] in x's dtype and the final state [batch, H, P, N] float32. chunk_size picks the kernel's
   chunk: the largest power of two <= chunk_size, clamped to [16, 64] and to the padded length
-  (on GPU also to 4096 / max(P, N) padded: 32 at P = N = 128). interpret: None ->
+  (on GPU also to 4096 / max(P, N) padded, 8192 / ... for bf16 x, B, C: at P = N = 128, 32 and
+  64). interpret: None ->
   `dispatch.interpret_mode()`; platform (None -> `dispatch.platform()`) picks the compiler params
   ("gpu": Triton, "tpu": Mosaic), the GPU chunk cap and the matmul precision.
   """
@@ -300,7 +318,8 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=No
   batch, length, heads, head_dim = x.shape
   groups, d_state = B.shape[2:]
   platform = platform or dispatch.platform()
-  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size, platform)
+  bf16 = _bf16_inputs(x, B, C)
+  q, n_chunks, p, n = _sizes(length, head_dim, d_state, chunk_size, platform, bf16)
   pad = n_chunks * q - length
   f32 = jnp.float32
   # One cast per input, so each gradient returns through a single cast into the input dtype.
@@ -322,7 +341,7 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int = 64, initial_state=No
   else:
     h0 = jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, p - head_dim), (0, n - d_state)))
   y, final = _ssd_core(X, a, blocks(Bf, n), blocks(Cf, n), h0, heads // groups, bool(interpret),
-                       platform)
+                       platform, bf16)
   y = jnp.moveaxis(y.reshape(batch, heads, n_chunks * q, p)[:, :, :length, :head_dim], 1, 2)
   if D is not None:
     y = y + D.astype(f32)[:, None] * xf

@@ -54,6 +54,7 @@ def grads(args, seg, weights, impl, chunk_size=16):
     (64, 1, jnp.float32, True, True, True, 16),  # a multiple; resets; all heads share B, C
     (40, 4, jnp.float32, True, True, False, 64),  # one group per head; a single chunk; no D
     (40, 2, jnp.bfloat16, True, True, True, 16),
+    (300, 1, jnp.bfloat16, True, True, True, 64),  # bf16 matmul operands over 5 chunks
 ])
 def test_kernel_matches_reference(length, groups, dtype, segments, with_h0, with_D, chunk):
   args, seg = inputs(length + groups, length, groups, dtype, segments, with_h0, with_D)
