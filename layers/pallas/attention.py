@@ -510,7 +510,7 @@ def prefix_window_attention_pallas(q, k, v, *, q_docs, kv_docs, window: int | No
   platform = dispatch.platform() if platform is None else platform
   dp, dvp = _pow2(max(d, 16)), _pow2(max(dv, 16))
   default_q, default_k = _BLOCKS.get(platform, _BLOCKS["gpu"])
-  if platform == "gpu" and q.dtype == _F32:
+  if platform != "tpu" and q.dtype == _F32:  # the GPU driver, compiled or interpreted
     default_q = default_k = min(64, max(16, _GPU_F32_BLOCK_BY_DIM // max(dp, dvp)))
   blocks = {"block_q": default_q if block_q is None else block_q,
             "block_k": default_k if block_k is None else block_k}

@@ -482,7 +482,7 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale: float | None = None,
                      f"{dvp} (dim_v padded), got {block_v}")
   c = min(int(chunk_size), _pow2(max(length, 16)))
   bf16 = all(jnp.dtype(a.dtype) == jnp.dtype(jnp.bfloat16) for a in (q, k, v))
-  if platform == "gpu":
+  if platform != "tpu":  # the GPU driver (on CPU: interpreted, with the GPU's limits)
     c = min(c, 64, max(16, (_GPU_CHUNK_BY_DIM_K_BF16 if bf16 else _GPU_CHUNK_BY_DIM_K) // dkp))
   n = -(-length // c)
   pad = n * c - length

@@ -12,8 +12,9 @@ part and a TF32 remainder, x = hi + lo, and the product takes three tensor-core 
 
 leaving out lo_a @ lo_b and the rounding of the remainders, about 2^-21 of each product. One
 TF32 pass would be off by ~5e-4 (the kernels' float32 tests fail at that). The GPU driver run in
-the interpreter (the CPU tests) computes the same three passes with the split done explicitly
-(XLA:CPU rejects the TF32 algorithms), so those tests check the numerics the GPU runs. TPU: HIGHEST.
+the interpreter (platform "gpu" interpreted, or "cpu", as in the CPU tests) computes the same
+three passes with the split done explicitly (XLA:CPU rejects the TF32 algorithms), so those tests
+check the numerics the GPU runs. TPU (compiled or interpreted): HIGHEST.
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ def _to_tf32(x: jax.Array) -> jax.Array:
 def dot_general(a: jax.Array, b: jax.Array, dimension_numbers: Any, *, platform: str,
                 interpret: Any) -> jax.Array:
   """`lax.dot_general(a, b, dimension_numbers)` of float32 operands, float32 result, for a kernel
-  of `platform` ("gpu", "tpu", "cpu"), compiled where `interpret` is falsy (module docstring)."""
+  of `platform` ("gpu", "tpu", or "cpu": the GPU driver interpreted), compiled where `interpret`
+  is falsy (module docstring)."""
   def dot(x, y, precision):
     return lax.dot_general(x, y, dimension_numbers, precision=precision,
                            preferred_element_type=_F32)
 
-  if platform != "gpu":
+  if platform == "tpu":
     return dot(a, b, lax.Precision.HIGHEST)
-  if not interpret:
+  if platform == "gpu" and not interpret:
     return dot(a, b, lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
   hi_a, hi_b = _to_tf32(a), _to_tf32(b)
   lo_a, lo_b = _to_tf32(a - hi_a), _to_tf32(b - hi_b)

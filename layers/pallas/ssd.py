@@ -92,7 +92,7 @@ def _sizes(length: int, head_dim: int, d_state: int, chunk_size: int, platform: 
   most 4096 / max(padded head_dim, d_state), 8192 / ... with bf16 matmul operands)."""
   p, n = max(_pow2(head_dim), _MIN_BLOCK), max(_pow2(d_state), _MIN_BLOCK)
   q = min(1 << (int(chunk_size).bit_length() - 1), _pow2(length), _MAX_CHUNK)
-  if platform == "gpu":
+  if platform != "tpu":  # the GPU driver (on CPU: interpreted, with the GPU's limits)
     q = min(q, (_GPU_CHUNK_BY_DIM_BF16 if bf16 else _GPU_CHUNK_BY_DIM) // max(p, n))
   q = max(q, _MIN_BLOCK)
   return q, -(-length // q), p, n

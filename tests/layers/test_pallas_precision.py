@@ -31,8 +31,9 @@ def rel64(a, b) -> float:
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu", "cpu"])
 def test_float32_accuracy_on_every_platform(platform):
-  """The interpreted GPU driver (three TF32 passes) and HIGHEST elsewhere: ~1e-7 of float64 on
-  [64, 128] @ [128, 64] with entries of mixed signs; a single TF32 pass would be ~1e-4 off."""
+  """The GPU driver interpreted ("gpu", and "cpu" as the CPU tests run it: three TF32 passes) and
+  the TPU one (HIGHEST): ~1e-7 of float64 on [64, 128] @ [128, 64]; a single TF32 pass would be
+  ~1e-4 off."""
   rng = np.random.default_rng(1)
   a, b = rng.normal(size=(64, 128)), rng.normal(size=(128, 64))
   exact = a.astype(np.float32).astype(np.float64) @ b.astype(np.float32).astype(np.float64)
@@ -41,6 +42,8 @@ def test_float32_accuracy_on_every_platform(platform):
                                                    interpret=True))(a32, b32)
   assert out.dtype == jnp.float32
   assert rel64(out, exact) < 1e-6
+  highest = jnp.matmul(a32, b32, precision=jax.lax.Precision.HIGHEST)
+  assert np.array_equal(out, highest) == (platform == "tpu")  # the passes are what ran
   one_pass = np.asarray(precision._to_tf32(a32), np.float64) @ np.asarray(
       precision._to_tf32(b32), np.float64)
   assert rel64(one_pass, exact) > 1e-4
