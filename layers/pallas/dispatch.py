@@ -9,8 +9,8 @@ Every op with a kernel (`selective_scan`, `ssd`, `gated_delta_rule`, and
   "auto"       "pallas" on GPU/TPU where the kernel's `supports(...)` holds, else "xla"
 
 The kernels compute the same function as the XLA form to float32 rounding (to bf16 rounding of
-the matmul operands where the inputs are bf16: attention and gated delta feed bf16 inputs to the
-tensor cores as they are), so the choice changes the speed, not the answer.
+the matmul operands where the inputs are bf16: the attention, SSD and gated delta kernels feed
+bf16 to the tensor cores), so the choice changes the speed, not the answer.
 
 Under a mesh (set with `jax.set_mesh`, as `ssm.train` does), `on_mesh` runs a kernel inside
 `jax.shard_map` over the batch axes (`data`, `fsdp`) and the head axis (`tensor`): XLA cannot
