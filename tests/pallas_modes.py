@@ -2,8 +2,8 @@
 
 CPU (CI): every kernel runs in the TPU interpreter, both the GPU driver (`platform=None`, which
 is "cpu" there: the kernels run it as the GPU driver, with the GPU's matmul numerics and block
-limits) and the TPU driver (`platform="tpu"`). Out-of-bounds block reads raise and memory starts as NaN,
-so a wrong index map or an output left unwritten fails instead of passing by clamping.
+limits) and the TPU driver (`platform="tpu"`). Out-of-bounds block reads raise and memory starts
+as NaN, so a wrong index map or an output left unwritten fails instead of passing by clamping.
 
 GPU or TPU: the machine's own driver (`platform=None`) compiles for real: the check that only
 such a machine can make (`scripts/gpu_checks.sh`). A case for the other machine's driver is
