@@ -205,10 +205,9 @@ def _most_visits(cfg: _Config) -> tuple[int, int]:
 def _dot(cfg: _Config, a: Array, b: Array, contract: tuple[int, int]) -> Array:
   """a @ b contracting dims `contract`, accumulated in float32: bf16 operands as they are,
   float32 ones at float32 accuracy (`layers.pallas.precision`)."""
-  dims = (((contract[0],), (contract[1],)), ((), ()))
-  if a.dtype == _F32:
-    return precision.dot_general(a, b, dims, platform=cfg.platform, interpret=cfg.interpret)
-  return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+  return precision.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                               platform=cfg.platform, interpret=cfg.interpret,
+                               bf16_operands=a.dtype != _F32)
 
 
 def _scores(cfg: _Config, q: Array, k: Array, qdoc: Array, kdoc: Array, c, kb):

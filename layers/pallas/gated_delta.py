@@ -121,11 +121,9 @@ class _Dots(NamedTuple):
   bf16: bool
 
   def _dot(self, a: Array, b: Array, contract: tuple[int, int], exact: bool = False) -> Array:
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    if self.bf16 and not exact:
-      return lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
-                             preferred_element_type=_F32)
-    return precision.dot_general(a, b, dims, platform=self.platform, interpret=self.interpret)
+    return precision.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                                 platform=self.platform, interpret=self.interpret,
+                                 bf16_operands=self.bf16 and not exact)
 
   def exact_mm(self, a: Array, b: Array) -> Array:  # a @ b at float32 accuracy
     return self._dot(a, b, (1, 0), exact=True)

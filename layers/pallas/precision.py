@@ -1,4 +1,8 @@
-"""float32 matmuls inside the Pallas kernels: float32 accuracy without Triton's slow path.
+"""Matmuls inside the Pallas kernels: bf16 operands as they are, float32 ones at float32 accuracy
+without Triton's slow path.
+
+A kernel whose inputs are bf16 gives the matmuls with them bf16 operands (the tensor cores' and
+MXU's native input, as flash attention does) and accumulates in float32 (`bf16_operands`).
 
 A float32 matmul in a kernel must agree with the float32 reference to ~1e-6 (the tests allow
 1e-5). `lax.Precision.HIGHEST` does that, but in a kernel compiled by Triton it lowers to IEEE
@@ -38,14 +42,17 @@ def _to_tf32(x: jax.Array) -> jax.Array:
 
 
 def dot_general(a: jax.Array, b: jax.Array, dimension_numbers: Any, *, platform: str,
-                interpret: Any) -> jax.Array:
-  """`lax.dot_general(a, b, dimension_numbers)` of float32 operands, float32 result, for a kernel
-  of `platform` ("gpu", "tpu", or "cpu": the GPU driver interpreted), compiled where `interpret`
-  is falsy (module docstring)."""
+                interpret: Any, bf16_operands: bool = False) -> jax.Array:
+  """`lax.dot_general(a, b, dimension_numbers)`, float32 result, for a kernel of `platform`
+  ("gpu", "tpu", or "cpu": the GPU driver interpreted), compiled where `interpret` is falsy:
+  one pass on a and b cast to bf16 if `bf16_operands`, else float32 accuracy (module
+  docstring)."""
   def dot(x, y, precision):
     return lax.dot_general(x, y, dimension_numbers, precision=precision,
                            preferred_element_type=_F32)
 
+  if bf16_operands:
+    return dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), lax.Precision.DEFAULT)
   if platform == "tpu":
     return dot(a, b, lax.Precision.HIGHEST)
   if platform == "gpu" and not interpret:

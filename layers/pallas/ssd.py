@@ -152,10 +152,8 @@ def _dot(a, b, ta=False, tb=False, exact=False, *, platform, interpret, bf16):
   operands where the inputs are bf16 (`bf16`) unless `exact`, else at float32 accuracy
   (`layers.pallas.precision`). The kernels get it with the keyword arguments bound."""
   dims = ((((0,) if ta else (1,)), ((1,) if tb else (0,))), ((), ()))
-  if bf16 and not exact:
-    return lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
-                           preferred_element_type=jnp.float32)
-  return precision.dot_general(a, b, dims, platform=platform, interpret=interpret)
+  return precision.dot_general(a, b, dims, platform=platform, interpret=interpret,
+                               bf16_operands=bf16 and not exact)
 
 
 def _chunk_terms(a, bm, cm, dot):

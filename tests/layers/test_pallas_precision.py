@@ -48,3 +48,19 @@ def test_float32_accuracy_on_every_platform(platform):
       precision._to_tf32(b32), np.float64)
   assert rel64(one_pass, exact) > 1e-4
 
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu", "cpu"])
+def test_bf16_operands_are_one_pass_on_the_rounded_operands(platform):
+  """bf16_operands: the product of a and b rounded to bf16 (exact in float32, accumulated in
+  float32), ~1e-3 from the float32 product; float32 results."""
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(32, 64)), rng.normal(size=(64, 16))
+  a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  out = precision.dot_general(a32, b32, DIMS, platform=platform, interpret=True,
+                              bf16_operands=True)
+  assert out.dtype == jnp.float32
+  rounded = (np.asarray(a32.astype(jnp.bfloat16), np.float64)
+             @ np.asarray(b32.astype(jnp.bfloat16), np.float64))
+  assert rel64(out, rounded) < 1e-6
+  assert rel64(out, np.asarray(a32, np.float64) @ np.asarray(b32, np.float64)) > 1e-4
